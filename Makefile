@@ -1,0 +1,21 @@
+# The two commands of the README: `make demo` and `make test`. Both install what they
+# need from this repository's own files into the current Python (use a venv if you like).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install demo test bench clean
+
+install:
+	$(PIP) install -q -e ".[test]"
+
+demo: install
+	$(PYTHON) -m embedpipe.demo --out demo-output
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench:
+	$(PYTHON) benchmarks/extract.py
+
+clean:
+	rm -rf demo-output .pytest_cache build *.egg-info

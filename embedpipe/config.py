@@ -1,0 +1,112 @@
+"""One frozen configuration object per job, and the string choices they use.
+
+The CLI and pipeline files build these once and pass them down whole; nothing here does
+I/O. Every string choice is an Enum so that click, the pipeline reader and the code that
+branches on it share one definition.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class Choice(str, enum.Enum):
+    """A string-valued Enum whose members compare equal to their values."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> list[str]:
+        return [m.value for m in cls]
+
+
+class Layer(Choice):
+    """Which activation becomes the embedding."""
+
+    GAP = "gap"  # global average pool of the last convolutional feature map
+    PENULTIMATE = "penultimate"  # the input of the final classifier layer
+
+
+class Device(Choice):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class Precision(Choice):
+    """Arithmetic of the forward pass (autocast); fp32 reproduces torchvision exactly."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class EmbeddingDtype(Choice):
+    """How embeddings are stored on disk."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+class DecodeMode(Choice):
+    """How JPEGs are decoded.
+
+    ``draft`` lets libjpeg downscale by 1/2, 1/4 or 1/8 in the DCT domain when the
+    image is at least that much larger than the resize target; ``full`` always decodes
+    every pixel. Other formats are decoded fully either way.
+    """
+
+    DRAFT = "draft"
+    FULL = "full"
+
+
+#: Pillow's own default warning threshold; above it an image is refused before decoding.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything one extraction job needs, decided before it starts.
+
+    ``weights`` is ``"none"``, ``"DEFAULT"``, a torchvision weights enum name such as
+    ``"IMAGENET1K_V2"``, or the path of a local checkpoint. ``workers`` and
+    ``batch_size`` of ``None`` are chosen from the machine (see ``extract.plan``).
+    """
+
+    source: Path
+    out: Path
+    backbone: str
+    weights: str = "DEFAULT"
+    layer: Layer = Layer.GAP
+    device: Device = Device.AUTO
+    precision: Precision = Precision.FP32
+    batch_size: int | None = None
+    workers: int | None = None
+    decode: DecodeMode = DecodeMode.DRAFT
+    embedding_dtype: EmbeddingDtype = EmbeddingDtype.FLOAT32
+    normalize: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_timeout: float = 60.0
+    max_errors: float | None = None
+    overwrite: bool = False
+    resize_size: int | None = None
+    crop_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(
+                f"workers must be >= 1, got {self.workers}: decoding always runs in "
+                "worker processes so that a crashing decoder costs one image, not the job"
+            )
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.decode_timeout <= 0:
+            raise ValueError(f"decode_timeout must be > 0 seconds, got {self.decode_timeout}")
+        if self.max_errors is not None and self.max_errors < 0:
+            raise ValueError(f"max_errors must be >= 0, got {self.max_errors}")

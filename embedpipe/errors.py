@@ -1,0 +1,77 @@
+"""Typed errors raised by embedpipe.
+
+Every error subclasses :class:`EmbedpipeError` and one of the builtin types a caller
+would naturally catch (``ValueError`` for bad input, ``KeyError`` for unknown names,
+``RuntimeError`` for an environment that cannot do what was asked). Messages name the
+offending value, list the valid choices where there are any, and hint at the fix.
+
+This module imports nothing from the package, so every layer may raise these.
+"""
+
+from __future__ import annotations
+
+
+class EmbedpipeError(Exception):
+    """Base class of every error embedpipe raises on purpose."""
+
+
+class UnknownBackboneError(EmbedpipeError, KeyError):
+    """A backbone name that the registry does not know."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateBackboneError(EmbedpipeError, ValueError):
+    """Two registrations under the same name."""
+
+
+class WeightsError(EmbedpipeError, ValueError):
+    """A ``--weights`` value that cannot be used with the chosen backbone."""
+
+
+class WeightsNotFoundError(EmbedpipeError, RuntimeError):
+    """Pretrained weights are neither cached locally nor downloadable."""
+
+
+class SourceError(EmbedpipeError, ValueError):
+    """An image folder or manifest that cannot be read as a source of images."""
+
+
+class ImageDecodeError(EmbedpipeError, ValueError):
+    """An image that cannot be embedded; ``error_type`` names the reason (see
+    ``decode.ErrorType``)."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(error_type, message)
+        self.error_type = str(error_type)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.message}"
+
+
+class StoreError(EmbedpipeError, ValueError):
+    """An embeddings dataset whose files are missing, corrupt or inconsistent."""
+
+
+class MetadataMismatchError(StoreError):
+    """Embeddings made by something other than what the caller expects."""
+
+
+class OutputLockedError(EmbedpipeError, RuntimeError):
+    """Another job is writing the same output directory."""
+
+
+class TooManyErrorsError(EmbedpipeError, RuntimeError):
+    """An extraction recorded more unreadable images than ``max_errors`` allows."""
+
+
+class DeviceError(EmbedpipeError, RuntimeError):
+    """A device or precision that this machine cannot provide."""
+
+
+# --- index (FAISS) -------------------------------------------------------------------
+
+
+# --- probe / report ------------------------------------------------------------------

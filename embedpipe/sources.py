@@ -1,0 +1,127 @@
+"""Where images come from: an image folder or a manifest, turned into records.
+
+A source never opens an image; it lists files, gives each a stable ``id`` and an
+optional ``label``, and notes the file's size and modification time so that an
+incremental run can tell a changed file from an unchanged one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import SourceError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """One image to embed.
+
+    ``id`` is the posix path relative to the folder root (or the manifest's ``id``);
+    ``size`` and ``mtime_ns`` are ``-1`` when the file cannot be stat'ed (a broken link),
+    which decoding then reports.
+    """
+
+    id: str
+    path: str
+    label: str | None
+    size: int
+    mtime_ns: int
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _walk(root: Path) -> Iterator[str]:
+    """Image files below ``root`` as posix relative paths, in sorted order.
+
+    Symlinked directories are not followed (a link loop cannot trap the walk); symlinks
+    to files are listed, and a broken or looping one is reported when decoding.
+    """
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield (rel / name).as_posix()
+
+
+def scan_folder(root: str | os.PathLike) -> list[ImageRecord]:
+    """Every image under ``root``, walked recursively in a deterministic order.
+
+    When every image lies in a subfolder (the ImageFolder convention), ``label`` is the
+    first-level folder name; when any image lies directly in ``root``, labels are null.
+    """
+    root = Path(root).absolute()
+    if not root.is_dir():
+        raise SourceError(f"image folder {str(root)!r} does not exist or is not a directory")
+    ids = list(_walk(root))
+    labelled = bool(ids) and all("/" in i for i in ids)
+    return [
+        ImageRecord(
+            i,
+            str(root / i),
+            PurePosixPath(i).parts[0] if labelled else None,
+            *_stat(str(root / i)),
+        )
+        for i in ids
+    ]
+
+
+def read_manifest(path: str | os.PathLike) -> list[ImageRecord]:
+    """A CSV or Parquet manifest with a ``path`` column and optional ``label`` and ``id``.
+
+    Relative paths are taken relative to the manifest's folder; ``id`` defaults to the
+    path as written.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if path.suffix == ".csv":
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    elif path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+    else:
+        raise SourceError(f"manifest {str(path)!r} must end in one of {MANIFEST_SUFFIXES}")
+    if "path" not in df.columns:
+        raise SourceError(
+            f"manifest {str(path)!r} has no 'path' column (columns: {list(df.columns)})"
+        )
+    paths = df["path"].astype(str).tolist()
+    ids = df["id"].astype(str).tolist() if "id" in df.columns else paths
+    labels = (
+        [None if pd.isna(v) else str(v) for v in df["label"]]
+        if "label" in df.columns
+        else [None] * len(df)
+    )
+    duplicated = pd.Series(ids)[pd.Series(ids).duplicated()].unique().tolist()
+    if duplicated:
+        raise SourceError(f"manifest {str(path)!r} repeats ids: {duplicated[:5]}")
+    base = path.parent.absolute()
+    records = []
+    for i, p, label in zip(ids, paths, labels):
+        full = str(p if os.path.isabs(p) else base / p)
+        records.append(ImageRecord(i, full, label, *_stat(full)))
+    return records
+
+
+def open_source(path: str | os.PathLike) -> list[ImageRecord]:
+    """A folder or a manifest file -> records."""
+    p = Path(path)
+    if p.is_file() and p.suffix in MANIFEST_SUFFIXES:
+        return read_manifest(p)
+    if p.is_dir():
+        return scan_folder(p)
+    raise SourceError(
+        f"{str(p)!r} is neither an image folder nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
+    )

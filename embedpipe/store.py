@@ -1,0 +1,608 @@
+"""Parquet embedding datasets: schema, provenance, crash-safe writes, validated reads.
+
+An output directory looks like this::
+
+    emb/
+      part-000000.parquet     embeddings: id, label, embedding, width, height, ...
+      part-000001.parquet
+      _errors/part-000000.parquet   images that could not be embedded, and why
+      _embedpipe.json         what made this dataset (the same JSON as every part's
+                              ``embedpipe`` metadata key, minus per-part fields)
+      _journal/               rows embedded since the last part, appended per batch
+      _lock                   held (flock) by the job writing here
+
+Readers that treat the folder as one dataset (``pyarrow.dataset``, pandas, DuckDB's
+``read_parquet('emb/*.parquet')``) see only the parts: names starting with ``_`` or
+``.`` are skipped by pyarrow, and the errors live one folder down.
+
+Crash safety rests on three rules:
+
+1. Every file is written under a hidden temporary name, fsync'ed, then renamed.
+2. Each finished batch is appended to an Arrow IPC stream in ``_journal/`` (a killed
+   process leaves a readable prefix), so a crash costs at most the batch in flight.
+3. A part that replaces other files (journals it absorbed, parts it rewrote without
+   some rows) lists them in its metadata under ``supersedes``. Opening a directory for
+   writing deletes superseded files that a crash left behind, so a row is never
+   counted twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import socket
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import MetadataMismatchError, OutputLockedError, StoreError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_KEY = b"embedpipe"
+MANIFEST = "_embedpipe.json"
+ERRORS_DIR = "_errors"
+JOURNAL_DIR = "_journal"
+LOCK = "_lock"
+_PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
+
+#: Metadata keys that describe *how* a run went rather than *what* the vectors are;
+#: they may differ between parts of one dataset.
+RUN_KEYS = frozenset({"versions", "created_at", "runtime", "part"})
+
+#: Parts hold about this many bytes of vectors, one row group each: large enough that
+#: reading is a few big sequential reads, small enough to buffer while extracting.
+PART_BYTES = 128 << 20
+MAX_PART_ROWS = 65_536
+
+
+def part_rows_for(dim: int, itemsize: int) -> int:
+    """Rows per part (and per row group) for vectors of ``dim`` x ``itemsize`` bytes."""
+    return int(min(MAX_PART_ROWS, max(1024, PART_BYTES // (dim * itemsize))))
+
+
+# --- schema --------------------------------------------------------------------------
+
+
+def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    value = {"float32": pa.float32(), "float16": pa.float16()}[dtype]
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("label", pa.string()),
+            pa.field("embedding", pa.list_(pa.field("item", value, nullable=False), dim), nullable=False),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("size", pa.int64()),
+            pa.field("mtime_ns", pa.int64()),
+            pa.field("content_hash", pa.string()),
+        ]
+    )
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("path", pa.string()),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("mtime_ns", pa.int64()),
+    ]
+)
+
+
+def embeddings_table(
+    *,
+    ids: list[str],
+    labels: list[str | None],
+    vectors: np.ndarray,
+    width: Iterable[int],
+    height: Iterable[int],
+    size: Iterable[int],
+    mtime_ns: Iterable[int],
+    content_hash: Iterable[str],
+    schema: pa.Schema,
+) -> pa.Table:
+    """Rows -> a table of :func:`embeddings_schema`. ``vectors``: (n, D) float."""
+    value_type = schema.field("embedding").type.value_type
+    dim = schema.field("embedding").type.list_size
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"vectors must be (n, {dim}), got {vectors.shape}")
+    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=value_type)
+    emb = pa.FixedSizeListArray.from_arrays(flat, type=schema.field("embedding").type)
+    return pa.Table.from_arrays(
+        [
+            pa.array(ids, pa.string()),
+            pa.array(labels, pa.string()),
+            emb,
+            pa.array(list(width), pa.int32()),
+            pa.array(list(height), pa.int32()),
+            pa.array(list(size), pa.int64()),
+            pa.array(list(mtime_ns), pa.int64()),
+            pa.array(list(content_hash), pa.string()),
+        ],
+        schema=schema,
+    )
+
+
+def identity(meta: dict) -> dict:
+    """The part of ``meta`` that determines the vectors (everything but run details)."""
+    return {k: v for k, v in meta.items() if k not in RUN_KEYS}
+
+
+def describe_differences(expected: dict, found: dict) -> list[str]:
+    """Human-readable differences between two metadata identities."""
+    a, b = identity(expected), identity(found)
+    return [
+        f"{k}: {json.dumps(b.get(k))} (existing) != {json.dumps(a.get(k))} (requested)"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+# --- atomic files --------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_parquet(table: pa.Table, path: Path, *, row_group_size: int) -> None:
+    """Write ``table`` to ``path`` so that readers see all of it or nothing."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    # Vectors do not compress; leaving them plain keeps reads a straight memcpy.
+    compression = {n: ("none" if n == "embedding" else "zstd") for n in table.schema.names}
+    try:
+        pq.write_table(
+            table,
+            tmp,
+            row_group_size=row_group_size,
+            compression=compression,
+            use_dictionary=[n for n in table.schema.names if n in ("label", "error_type")],
+            write_statistics=[n for n in table.schema.names if n != "embedding"],
+        )
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+# --- reading -------------------------------------------------------------------------
+
+
+class Embeddings(NamedTuple):
+    """``ids``: (N,) object str; ``labels``: (N,) object (None when unlabelled);
+    ``vectors``: (N, D) float32, C-contiguous; ``meta``: what made them."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    vectors: np.ndarray
+    meta: dict
+
+
+def list_parts(path: str | os.PathLike) -> list[Path]:
+    """The committed embedding parts of a dataset directory (or the one file given)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise StoreError(f"embeddings {str(path)!r} do not exist")
+    return sorted(p for p in path.iterdir() if _PART_RE.match(p.name))
+
+
+def part_meta(part: Path) -> dict:
+    schema = pq.read_schema(part)
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise StoreError(f"{part} has no embedpipe metadata: was it written by embedpipe?")
+    return json.loads(raw)
+
+
+def _parts_with_meta(path: str | os.PathLike) -> list[tuple[Path, dict, int]]:
+    parts = list_parts(path)
+    if not parts:
+        raise StoreError(f"no embedding parts (part-*.parquet) in {str(path)!r}")
+    out = []
+    first: dict | None = None
+    for p in parts:
+        try:
+            md = pq.read_metadata(p)
+            meta = part_meta(p)
+        except StoreError:
+            raise
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError on corrupt files
+            raise StoreError(f"cannot read {p}: {e}") from e
+        if first is None:
+            first = meta
+        elif identity(meta) != identity(first):
+            diffs = "; ".join(describe_differences(first, meta))
+            raise MetadataMismatchError(
+                f"{p} was made differently from {parts[0].name}: {diffs}"
+            )
+        out.append((p, meta, md.num_rows))
+    return out
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """What made the embeddings at ``path`` (the first part's metadata)."""
+    return _parts_with_meta(path)[0][1]
+
+
+def _vectors(column: pa.ChunkedArray, dim: int, out: np.ndarray) -> None:
+    """Copy a fixed_size_list column into ``out`` (n, dim) without per-row Python."""
+    offset = 0
+    for chunk in column.chunks:
+        flat = chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        out[offset : offset + len(flat)] = flat
+        offset += len(flat)
+
+
+def _check_finite(vectors: np.ndarray, part: Path, ids: np.ndarray) -> None:
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise StoreError(
+            f"{part} holds {int(bad.sum())} rows with NaN or inf, e.g. id {ids[bad][0]!r}"
+        )
+
+
+def iter_embedding_blocks(
+    path: str | os.PathLike, *, validate: bool = True
+) -> Iterator[Embeddings]:
+    """The dataset one part at a time (each part is at most ``MAX_PART_ROWS`` rows).
+
+    Every part's metadata is checked against the first before any rows are read; with
+    ``validate``, rows with NaN/inf are refused. Id uniqueness needs the whole id set:
+    :func:`read_embeddings` checks it.
+    """
+    parts = _parts_with_meta(path)
+    for part, meta, _ in parts:
+        dim = int(meta["dim"])
+        table = pq.read_table(part, columns=["id", "label", "embedding"])
+        vectors = np.empty((table.num_rows, dim), np.float32)
+        _vectors(table.column("embedding"), dim, vectors)
+        ids = table.column("id").to_numpy()
+        if validate:
+            _check_finite(vectors, part, ids)
+        yield Embeddings(ids, table.column("label").to_numpy(), vectors, meta)
+
+
+def read_embeddings(path: str | os.PathLike, *, validate: bool = True) -> Embeddings:
+    """A whole dataset as one contiguous (N, D) float32 array, plus ids, labels and meta.
+
+    Checks every part: same provenance, the declared dim, no NaN/inf rows, unique ids.
+    Violations raise :class:`StoreError` naming the file.
+    """
+    parts = _parts_with_meta(path)
+    meta = parts[0][1]
+    dim = int(meta["dim"])
+    n = sum(rows for _, _, rows in parts)
+    vectors = np.empty((n, dim), np.float32)
+    ids = np.empty(n, dtype=object)
+    labels = np.empty(n, dtype=object)
+    offset = 0
+    for part, _, rows in parts:
+        table = pq.read_table(part, columns=["id", "label", "embedding"])
+        if table.schema.field("embedding").type.list_size != dim:
+            raise StoreError(f"{part}: embedding width differs from the declared dim {dim}")
+        sl = slice(offset, offset + rows)
+        _vectors(table.column("embedding"), dim, vectors[sl])
+        ids[sl] = table.column("id").to_numpy()
+        labels[sl] = table.column("label").to_numpy()
+        if validate:
+            _check_finite(vectors[sl], part, ids[sl])
+        offset += rows
+    if validate:
+        _check_unique(ids, path)
+    return Embeddings(ids, labels, vectors, meta)
+
+
+def _check_unique(ids: np.ndarray, where: str | os.PathLike) -> None:
+    import pandas as pd
+
+    dup = pd.Index(ids).duplicated()
+    if dup.any():
+        raise StoreError(f"{str(where)!r} repeats ids, e.g. {ids[dup][:3].tolist()}")
+
+
+def read_errors(path: str | os.PathLike):
+    """The errors table of a dataset as a DataFrame (empty when there were none)."""
+    import pandas as pd
+
+    parts = sorted((Path(path) / ERRORS_DIR).glob("part-*.parquet"))
+    if not parts:
+        return ERRORS_SCHEMA.empty_table().to_pandas()
+    return pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
+
+
+def dataset_info(path: str | os.PathLike) -> dict:
+    """Rows, dim, provenance, label counts and files of a dataset, without its vectors."""
+    parts = _parts_with_meta(path)
+    labels = pa.concat_arrays(
+        [pq.read_table(p, columns=["label"]).column("label").combine_chunks() for p, _, _ in parts]
+    )
+    counts = labels.value_counts().to_pylist()
+    errors = read_errors(path)
+    meta = parts[0][1]
+    return {
+        "path": str(path),
+        "rows": sum(r for _, _, r in parts),
+        "files": [p.name for p, _, _ in parts],
+        "errors": int(len(errors)),
+        "errors_by_type": errors["error_type"].value_counts().to_dict() if len(errors) else {},
+        "labels": {c["values"]: c["counts"] for c in counts if c["values"] is not None},
+        "unlabelled": int(labels.null_count),
+        **{k: meta[k] for k in meta if k != "part"},
+    }
+
+
+# --- writing -------------------------------------------------------------------------
+
+
+class _Journal:
+    """An Arrow IPC stream appended one batch at a time; a killed writer leaves a
+    readable prefix of whole batches."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path = path
+        self.rows = 0
+        self._sink = pa.OSFile(str(path), "wb")  # unbuffered: each batch reaches the OS
+        self._writer = pa.ipc.new_stream(self._sink, schema)
+
+    def append(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        self._writer.close()
+        self._sink.close()
+
+    @staticmethod
+    def recover(path: Path) -> pa.Table | None:
+        """The whole batches in a journal file; ``None`` if it holds none."""
+        batches = []
+        try:
+            with pa.OSFile(str(path), "rb") as f:
+                reader = pa.ipc.open_stream(f)
+                while True:
+                    batches.append(reader.read_next_batch())
+        except (StopIteration, pa.ArrowInvalid, OSError):
+            pass  # the end of the file, or the half-written batch of a killed job
+        if not batches:
+            return None
+        return pa.Table.from_batches(batches)
+
+
+class _PartSet:
+    """A folder of ``part-NNNNNN.parquet`` files of one schema, with a journal."""
+
+    def __init__(self, folder: Path, schema: pa.Schema, meta: dict, part_rows: int) -> None:
+        self.folder = folder
+        self.schema = schema
+        self.meta = meta
+        self.part_rows = part_rows
+        self.journal_dir = folder / JOURNAL_DIR
+        self._journal: _Journal | None = None
+
+    def parts(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if _PART_RE.match(p.name)) if self.folder.is_dir() else []
+
+    def journals(self) -> list[Path]:
+        return sorted(self.journal_dir.glob("*.arrows")) if self.journal_dir.is_dir() else []
+
+    def _next_name(self) -> str:
+        nums = [int(_PART_RE.match(p.name).group(1)) for p in self.parts()]
+        return f"part-{max(nums, default=-1) + 1:06d}.parquet"
+
+    def commit(self, table: pa.Table, supersedes: list[Path]) -> Path | None:
+        """Write ``table`` as a new part replacing ``supersedes``; then delete them."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        written = None
+        if table.num_rows:
+            rel = [os.path.relpath(p, self.folder) for p in supersedes]
+            meta = {**self.meta, "part": {"rows": table.num_rows, "supersedes": rel}}
+            table = table.replace_schema_metadata({META_KEY: json.dumps(meta)})
+            written = self.folder / self._next_name()
+            atomic_write_parquet(table, written, row_group_size=self.part_rows)
+        for p in supersedes:
+            p.unlink(missing_ok=True)
+        return written
+
+    def recover(self) -> None:
+        """Finish what a killed writer left: drop superseded files, commit journals."""
+        for tmp in self.folder.glob(".part-*.tmp") if self.folder.is_dir() else []:
+            tmp.unlink()
+        for part in self.parts():
+            for rel in part_meta(part).get("part", {}).get("supersedes", []):
+                stale = (self.folder / rel).resolve()
+                if stale.exists():
+                    log.info("removing %s, superseded by %s", stale, part.name)
+                    stale.unlink()
+        journals = self.journals()
+        recovered = [t for t in (_Journal.recover(j) for j in journals) if t is not None]
+        if recovered:
+            table = pa.concat_tables([t.cast(self.schema) for t in recovered])
+            log.info("recovered %d rows from %d journal(s) in %s", table.num_rows, len(journals), self.journal_dir)
+        else:
+            table = self.schema.empty_table()
+        self.commit(table, journals)
+
+    def append(self, table: pa.Table) -> None:
+        if self._journal is None:
+            self.journal_dir.mkdir(parents=True, exist_ok=True)
+            self._journal = _Journal(self.journal_dir / f"{uuid.uuid4().hex}.arrows", self.schema)
+        self._journal.append(table)
+        if self._journal.rows >= self.part_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the journal's rows as a part (the journal is superseded by it)."""
+        if self._journal is None:
+            return
+        journal, self._journal = self._journal, None
+        journal.close()
+        table = _Journal.recover(journal.path)
+        self.commit(table if table is not None else self.schema.empty_table(), [journal.path])
+
+    def read_columns(self, columns: list[str]) -> pa.Table:
+        tables = [pq.read_table(p, columns=columns) for p in self.parts()]
+        return pa.concat_tables(tables) if tables else self.schema.empty_table().select(columns)
+
+    def drop(self, ids: set[str]) -> int:
+        """Rewrite the parts holding any of ``ids`` without those rows."""
+        dropped = 0
+        if not ids:
+            return 0
+        wanted = pa.array(sorted(ids), pa.string())
+        for part in self.parts():
+            table = pq.read_table(part)
+            hit = pc.is_in(table.column("id"), value_set=wanted)
+            n = pc.sum(hit).as_py() or 0
+            if n:
+                keep = table.filter(pc.invert(hit)).replace_schema_metadata(None)
+                self.commit(keep, [part])
+                dropped += n
+        return dropped
+
+
+class DatasetWriter:
+    """Appends embeddings and error records to an output directory, crash-safely.
+
+    Use as a context manager: entering takes the directory's lock, checks that existing
+    data was made the same way (``meta``'s identity), and finishes whatever a killed job
+    left behind; leaving commits the journals as parts.
+    """
+
+    def __init__(self, out: str | os.PathLike, meta: dict, *, overwrite: bool = False) -> None:
+        self.out = Path(out)
+        # through JSON once, so that comparisons with what was read back are like for like
+        self.meta = json.loads(json.dumps({"format_version": FORMAT_VERSION, **meta}))
+        dim, dtype = int(meta["dim"]), meta.get("embedding_dtype", "float32")
+        self.schema = embeddings_schema(dim, dtype)
+        part_rows = part_rows_for(dim, np.dtype(dtype).itemsize)
+        self.embeddings = _PartSet(self.out, self.schema, self.meta, part_rows)
+        self.errors = _PartSet(self.out / ERRORS_DIR, ERRORS_SCHEMA, self.meta, MAX_PART_ROWS)
+        self.overwrite = overwrite
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> DatasetWriter:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            self._check_or_reset()
+            self.embeddings.recover()
+            self.errors.recover()
+            atomic_write_text(json.dumps(identity(self.meta), indent=2), self.out / MANIFEST)
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.embeddings.flush()
+            self.errors.flush()
+        finally:
+            self._unlock()
+
+    # -- lock
+
+    def _lock(self) -> None:
+        fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputLockedError(
+                f"{self.out} is being written by another embedpipe job ({holder}); wait for "
+                "it to finish or choose another --out. (A killed job releases the lock.)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- existing data
+
+    def _check_or_reset(self) -> None:
+        manifest = self.out / MANIFEST
+        if not manifest.exists():
+            if self.embeddings.parts():
+                raise StoreError(
+                    f"{self.out} holds parquet parts but no {MANIFEST}: not an embedpipe "
+                    "output directory, or a damaged one; use --overwrite or another --out"
+                )
+            return
+        existing = json.loads(manifest.read_text(encoding="utf-8"))
+        diffs = describe_differences(self.meta, existing)
+        if not diffs:
+            return
+        if not self.overwrite:
+            raise MetadataMismatchError(
+                f"{self.out} already holds embeddings made differently from this job:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse --overwrite to replace them, or choose another --out."
+            )
+        log.warning("--overwrite: deleting the existing embeddings in %s", self.out)
+        for parts in (self.embeddings, self.errors):
+            for p in [*parts.parts(), *parts.journals()]:
+                p.unlink()
+        manifest.unlink()
+
+    # -- state and appends
+
+    def embedded(self) -> dict[str, tuple[int, int]]:
+        """id -> (size, mtime_ns) of every committed embedding."""
+        t = self.embeddings.read_columns(["id", "size", "mtime_ns"])
+        return dict(zip(t.column("id").to_pylist(), zip(t.column("size").to_pylist(), t.column("mtime_ns").to_pylist())))
+
+    def errored(self) -> dict[str, tuple[int, int]]:
+        """id -> (size, mtime_ns) of every recorded error."""
+        t = self.errors.read_columns(["id", "size", "mtime_ns"])
+        return dict(zip(t.column("id").to_pylist(), zip(t.column("size").to_pylist(), t.column("mtime_ns").to_pylist())))
+
+    def append(self, table: pa.Table) -> None:
+        self.embeddings.append(table)
+
+    def append_errors(self, table: pa.Table) -> None:
+        self.errors.append(table)
+
+    def drop(self, ids: set[str]) -> tuple[int, int]:
+        """Remove ``ids`` from embeddings and errors; returns the rows removed from each."""
+        return self.embeddings.drop(ids), self.errors.drop(ids)
+
