@@ -73,7 +73,8 @@ class ExtractConfig:
 
     ``weights`` is ``"none"``, ``"DEFAULT"``, a torchvision weights enum name such as
     ``"IMAGENET1K_V2"``, or the path of a local checkpoint. ``workers`` and
-    ``batch_size`` of ``None`` are chosen from the machine (see ``extract.plan``).
+    ``batch_size`` of ``None`` are chosen from the machine (see ``engine.plan``);
+    ``part_rows`` of ``None`` from the embedding size (parts of ~128 MiB).
     """
 
     source: Path
@@ -95,8 +96,12 @@ class ExtractConfig:
     resize_size: int | None = None
     crop_size: int | None = None
     seed: int = 0
+    part_rows: int | None = None
 
     def __post_init__(self) -> None:
+        # accept plain strings and paths from Python callers; store the Enum / Path
+        for name, kind in _COERCE.items():
+            object.__setattr__(self, name, kind(getattr(self, name)))
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 1:
@@ -104,9 +109,22 @@ class ExtractConfig:
                 f"workers must be >= 1, got {self.workers}: decoding always runs in "
                 "worker processes so that a crashing decoder costs one image, not the job"
             )
+        if self.part_rows is not None and self.part_rows < 1:
+            raise ValueError(f"part_rows must be >= 1, got {self.part_rows}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.decode_timeout <= 0:
             raise ValueError(f"decode_timeout must be > 0 seconds, got {self.decode_timeout}")
         if self.max_errors is not None and self.max_errors < 0:
             raise ValueError(f"max_errors must be >= 0, got {self.max_errors}")
+
+
+_COERCE = {
+    "source": Path,
+    "out": Path,
+    "layer": Layer,
+    "device": Device,
+    "precision": Precision,
+    "decode": DecodeMode,
+    "embedding_dtype": EmbeddingDtype,
+}

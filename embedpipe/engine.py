@@ -108,11 +108,32 @@ def plan(config: ExtractConfig) -> Runtime:
 # --- the forward pass ----------------------------------------------------------------
 
 
+def pixels_to_tensor(
+    pixels: np.ndarray,
+    preprocessing: Preprocessing,
+    *,
+    device: torch.device = torch.device("cpu"),
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """(B, H, W, C) uint8 -> (B, C, H, W) float32 on ``device``, normalised.
+
+    The arithmetic of torchvision's ``ImageClassification`` (``x / 255``, then
+    ``(x - mean) / std``), done once per batch on the device rather than per image.
+    """
+    x = torch.from_numpy(pixels)
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    mean = torch.tensor(preprocessing.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(preprocessing.std, device=device).view(1, -1, 1, 1)
+    # (B, H, W, C) -> (B, C, H, W): the strides are channels_last already
+    x = x.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
+    return x.contiguous(memory_format=memory_format)
+
+
 class BatchEmbedder:
     """uint8 pixels (B, H, W, C) -> embeddings (B, D) float32 numpy.
 
-    Converts and normalises on the device exactly as torchvision's ``ImageClassification``
-    does on the CPU (``x / 255``, then ``(x - mean) / std``), then runs the backbone under
+    Normalises on the device (:func:`pixels_to_tensor`), then runs the backbone under
     ``inference_mode`` and, for bf16/fp16, autocast.
     """
 
@@ -122,21 +143,16 @@ class BatchEmbedder:
         self.normalize = normalize
         self.memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
         self.model = embedder.to(self.device, memory_format=self.memory_format)
-        p = embedder.preprocessing
-        self.mean = torch.tensor(p.mean, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(p.std, device=self.device).view(1, -1, 1, 1)
+        self.preprocessing = embedder.preprocessing
         self.autocast_dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(
             runtime.precision
         )
 
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(pixels)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        # (B, H, W, C) -> (B, C, H, W): the strides are channels_last already
-        x = x.permute(0, 3, 1, 2).float().div_(255).sub_(self.mean).div_(self.std)
-        x = x.contiguous(memory_format=self.memory_format)
+        x = pixels_to_tensor(
+            pixels, self.preprocessing, device=self.device, memory_format=self.memory_format
+        )
         with torch.autocast(
             self.device.type,
             dtype=self.autocast_dtype or torch.float32,
@@ -272,7 +288,9 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
     forward = BatchEmbedder(embedder, runtime, normalize=config.normalize)
     seconds = Counter({"load": time.perf_counter() - t0})
 
-    with DatasetWriter(config.out, meta, overwrite=config.overwrite) as writer:
+    with DatasetWriter(
+        config.out, meta, overwrite=config.overwrite, part_rows=config.part_rows
+    ) as writer:
         embedded, errored = writer.embedded(), writer.errored()
         current = {r.id: (r.size, r.mtime_ns) for r in records}
         stale = {i for i, st in embedded.items() if current.get(i) != st}

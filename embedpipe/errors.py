@@ -74,4 +74,31 @@ class DeviceError(EmbedpipeError, RuntimeError):
 # --- index (FAISS) -------------------------------------------------------------------
 
 
+class IndexSpecError(EmbedpipeError, ValueError):
+    """A metric, index kind or FAISS factory string that cannot be used."""
+
+
+class MemoryBudgetError(EmbedpipeError, ValueError):
+    """A memory budget that cannot be parsed, or that no index of the requested kind fits."""
+
+
+class IndexInputError(EmbedpipeError, ValueError):
+    """Vectors, ids or search arguments that cannot be indexed or searched as given."""
+
+
+class DimensionMismatchError(IndexInputError):
+    """Query vectors whose dimension differs from the index's."""
+
+
+class UnknownIdError(EmbedpipeError, KeyError):
+    """An id asked for by ``search --id`` that the index does not hold."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class IndexFileError(EmbedpipeError, ValueError):
+    """An index directory that is missing, incomplete, or from an unsupported format."""
+
+
 # --- probe / report ------------------------------------------------------------------

@@ -43,21 +43,20 @@ def _stat(path: str) -> tuple[int, int]:
 
 
 def _walk(root: Path) -> Iterator[str]:
-    """Image files below ``root`` as posix relative paths, in sorted order.
+    """Image files below ``root`` as posix relative paths.
 
     Symlinked directories are not followed (a link loop cannot trap the walk); symlinks
     to files are listed, and a broken or looping one is reported when decoding.
     """
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
+    for dirpath, _, filenames in os.walk(root, followlinks=False):
         rel = Path(dirpath).relative_to(root)
-        for name in sorted(filenames):
+        for name in filenames:
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 yield (rel / name).as_posix()
 
 
 def scan_folder(root: str | os.PathLike) -> list[ImageRecord]:
-    """Every image under ``root``, walked recursively in a deterministic order.
+    """Every image under ``root``, walked recursively, sorted by id.
 
     When every image lies in a subfolder (the ImageFolder convention), ``label`` is the
     first-level folder name; when any image lies directly in ``root``, labels are null.
@@ -65,7 +64,7 @@ def scan_folder(root: str | os.PathLike) -> list[ImageRecord]:
     root = Path(root).absolute()
     if not root.is_dir():
         raise SourceError(f"image folder {str(root)!r} does not exist or is not a directory")
-    ids = list(_walk(root))
+    ids = sorted(_walk(root))
     labelled = bool(ids) and all("/" in i for i in ids)
     return [
         ImageRecord(

@@ -502,13 +502,20 @@ class DatasetWriter:
     left behind; leaving commits the journals as parts.
     """
 
-    def __init__(self, out: str | os.PathLike, meta: dict, *, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        meta: dict,
+        *,
+        overwrite: bool = False,
+        part_rows: int | None = None,
+    ) -> None:
         self.out = Path(out)
         # through JSON once, so that comparisons with what was read back are like for like
         self.meta = json.loads(json.dumps({"format_version": FORMAT_VERSION, **meta}))
         dim, dtype = int(meta["dim"]), meta.get("embedding_dtype", "float32")
         self.schema = embeddings_schema(dim, dtype)
-        part_rows = part_rows_for(dim, np.dtype(dtype).itemsize)
+        part_rows = part_rows or part_rows_for(dim, np.dtype(dtype).itemsize)
         self.embeddings = _PartSet(self.out, self.schema, self.meta, part_rows)
         self.errors = _PartSet(self.out / ERRORS_DIR, ERRORS_SCHEMA, self.meta, MAX_PART_ROWS)
         self.overwrite = overwrite

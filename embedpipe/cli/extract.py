@@ -88,10 +88,6 @@ def extract(ctx: click.Context, source: Path, **options) -> None:
     """
     from ..engine import extract as run_extract
 
-    enums = {"layer": Layer, "device": Device, "precision": Precision, "decode": DecodeMode,
-             "embedding_dtype": EmbeddingDtype}
-    for key, enum in enums.items():
-        options[key] = enum(options[key])
     config = ExtractConfig(source=source, **options)
     summary = run_extract(config, progress=ctx.obj["progress"])
     click.echo(summary.line())

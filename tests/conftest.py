@@ -1,0 +1,40 @@
+"""Fixtures: image folders made by the tests themselves (and photos a package ships)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Tests run on 2 cores beside decode workers: keep torch from oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def make_image(path: Path, *, size=(64, 48), seed=0, mode="RGB", fmt=None, **save) -> Path:
+    """A smooth random image (gradients plus blobs), saved by extension or ``fmt``."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    chans = [np.sin(xx * rng.uniform(2, 9) + yy * rng.uniform(2, 9) + rng.uniform(0, 6)) for _ in range(3)]
+    arr = ((np.stack(chans, -1) + 1) * 127.5).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **save)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Two classes of 5 JPEGs/PNGs each, in ImageFolder layout, of mixed sizes."""
+    root = tmp_path / "images"
+    sizes = [(64, 48), (40, 80), (96, 96), (300, 200), (33, 57)]
+    for c, cls in enumerate(["cats", "dogs"]):
+        for i, size in enumerate(sizes):
+            ext = "jpg" if i % 2 == 0 else "png"
+            make_image(root / cls / f"{i:03d}.{ext}", size=size, seed=10 * c + i)
+    return root

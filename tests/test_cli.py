@@ -1,0 +1,78 @@
+"""The CLI is a thin shell: its commands reach the API and report errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+
+import torch
+import torchvision
+from click.testing import CliRunner
+
+from embedpipe.cli import main
+from embedpipe.store import read_embeddings
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["-q", *args], catch_exceptions=False)
+
+
+def test_backbones_table():
+    r = run("backbones")
+    assert r.exit_code == 0
+    header, *rows = r.output.splitlines()
+    assert header.split() == ["name", "family", "gap", "penultimate", "input", "weights", "cached"]
+    by_name = {row.split()[0]: row.split() for row in rows}
+    assert by_name["resnet50"][1:5] == ["resnet", "2048", "2048", "224"]
+    assert by_name["inception_v3"][4] == "299"
+    assert by_name["lenet5"][2:4] == ["120", "84"]
+    assert "IMAGENET1K_V1,IMAGENET1K_V2" in by_name["resnet50"][5]
+
+
+def test_backbones_json():
+    rows = json.loads(run("backbones", "--format", "json").output)
+    alexnet = next(r for r in rows if r["name"] == "alexnet")
+    assert (alexnet["gap"], alexnet["penultimate"], alexnet["input"]) == (256, 4096, 224)
+
+
+def test_extract_then_info(image_folder, tmp_path):
+    out = tmp_path / "emb"
+    r = run("extract", str(image_folder), "--backbone", "resnet18", "--weights", "none",
+            "--out", str(out), "--batch-size", "4", "--workers", "1")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("10 embedded, 0 already done, 0 errors")
+    assert read_embeddings(out).vectors.shape == (10, 512)
+    r = run("info", str(out))
+    assert "rows: 10" in r.output and "dim: 512" in r.output
+    assert "weights: none (random init, seed 0)" in r.output
+    assert "labels: cats: 5, dogs: 5" in r.output
+    d = json.loads(run("info", str(out), "--json").output)
+    assert d["rows"] == 10 and d["weights"]["pretrained"] is False
+    again = run("extract", str(image_folder), "--backbone", "resnet18", "--weights", "none",
+                "--out", str(out), "--workers", "1")
+    assert again.output.startswith("0 embedded, 10 already done")
+
+
+def test_missing_pretrained_weights_exit_non_zero_with_the_fix(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline, raising=False)
+    r = CliRunner().invoke(main, ["extract", str(image_folder), "--backbone", "resnet50",
+                                  "--weights", "DEFAULT", "--out", str(tmp_path / "emb")])
+    assert r.exit_code == 1
+    assert "Error: pretrained weights ResNet50_Weights.IMAGENET1K_V2" in r.output
+    assert str(tmp_path / "th" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in r.output
+    assert not (tmp_path / "emb").exists()  # nothing written, nothing random
+
+
+def test_unknown_backbone_and_bad_choice(image_folder, tmp_path):
+    r = CliRunner().invoke(main, ["extract", str(image_folder), "--backbone", "resnet5",
+                                  "--weights", "none", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 1 and "unknown backbone 'resnet5'" in r.output
+    r = CliRunner().invoke(main, ["extract", str(image_folder), "--backbone", "resnet18",
+                                  "--layer", "fc9", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "'fc9' is not one of 'gap', 'penultimate'" in r.output

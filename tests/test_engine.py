@@ -1,0 +1,140 @@
+"""Extraction end to end: folder -> Parquet, against torchvision's own per-image pipeline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import get_model, get_model_weights
+
+from conftest import make_image
+from embedpipe.config import DecodeMode, ExtractConfig, Layer
+from embedpipe.engine import embed_paths, extract
+from embedpipe.errors import TooManyErrorsError
+from embedpipe.store import list_parts, read_embeddings, read_errors
+
+
+def reference_embeddings(paths: list[Path], name: str = "resnet18", seed: int = 0) -> np.ndarray:
+    """The naive per-image loop: PIL open -> weights' transforms -> torchvision model,
+    with the global-average-pooled features captured at the input of ``fc``."""
+    torch.manual_seed(seed)
+    model = get_model(name, weights=None).eval()
+    transform = get_model_weights(name).DEFAULT.transforms()
+    seen = []
+    model.fc.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.inference_mode():
+        for p in paths:
+            model(transform(Image.open(p).convert("RGB"))[None])
+    return torch.cat(seen).numpy()
+
+
+def config(source: Path, out: Path, **kw) -> ExtractConfig:
+    return ExtractConfig(source=source, out=out, **{"backbone": "resnet18", "weights": "none",
+                                                     "batch_size": 4, "workers": 1, **kw})
+
+
+def test_folder_to_parquet_matches_torchvision(image_folder, tmp_path):
+    out = tmp_path / "emb"
+    summary = extract(config(image_folder, out, decode=DecodeMode.FULL))
+    assert (summary.images, summary.embedded, summary.errors) == (10, 10, 0)
+    e = read_embeddings(out)
+    files = sorted(image_folder.rglob("*.*"))
+    assert e.ids.tolist() == [p.relative_to(image_folder).as_posix() for p in files]
+    assert e.labels.tolist() == [p.parent.name for p in files]
+    np.testing.assert_allclose(e.vectors, reference_embeddings(files), rtol=1e-4, atol=1e-5)
+    meta = e.meta
+    assert meta["backbone"] == "resnet18" and meta["layer"] == "gap" and meta["dim"] == 512
+    assert meta["weights"] == {"kind": "none", "name": "none", "pretrained": False, "sha256": None,
+                               "url": None, "seed": 0}
+    assert meta["preprocessing"]["resize_size"] == 256 and meta["precision"] == "fp32"
+    assert {"torch", "torchvision", "pillow", "embedpipe"} <= set(meta["versions"])
+
+
+def test_draft_decoding_stays_close_to_full_decoding(tmp_path):
+    src = tmp_path / "big"
+    for i, size in enumerate([(1600, 1200), (1024, 768), (900, 1400)]):
+        make_image(src / f"{i}.jpg", size=size, seed=i, quality=90)
+    full = read_embeddings(extract(config(src, tmp_path / "full", decode=DecodeMode.FULL)).out).vectors
+    draft = read_embeddings(extract(config(src, tmp_path / "draft", decode=DecodeMode.DRAFT)).out).vectors
+    cos = (full * draft).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(draft, axis=1)
+    assert cos.min() > 0.99
+    assert not np.array_equal(full, draft)  # draft really decoded at a reduced scale
+
+
+def test_rerun_embeds_only_what_changed(image_folder, tmp_path):
+    out = tmp_path / "emb"
+    cfg = config(image_folder, out, decode=DecodeMode.FULL)
+    extract(cfg)
+    again = extract(cfg)
+    assert (again.embedded, again.skipped, again.dropped) == (0, 10, 0)
+
+    new = make_image(image_folder / "cats" / "new.png", seed=99)
+    changed = make_image(image_folder / "dogs" / "001.png", size=(50, 70), seed=123)
+    os.utime(changed, ns=(1, 1))  # a different mtime for certain, whatever the clock
+    (image_folder / "cats" / "002.jpg").unlink()
+    third = extract(cfg)
+    assert (third.embedded, third.dropped, third.skipped) == (2, 2, 8)
+
+    e = read_embeddings(out)
+    files = sorted(image_folder.rglob("*.*"))
+    assert sorted(e.ids.tolist()) == [p.relative_to(image_folder).as_posix() for p in files]
+    order = np.argsort(e.ids)
+    np.testing.assert_allclose(e.vectors[order], reference_embeddings(files), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_files_become_error_records_and_the_job_goes_on(image_folder, tmp_path):
+    (image_folder / "cats" / "empty.jpg").write_bytes(b"")
+    (image_folder / "dogs" / "noise.jpg").write_bytes(os.urandom(500))
+    summary = extract(config(image_folder, tmp_path / "emb"))
+    assert (summary.embedded, summary.errors) == (10, 2)
+    assert summary.errors_by_type == {"empty_file": 1, "not_an_image": 1}
+    errors = read_errors(tmp_path / "emb").sort_values("id")
+    assert errors[["id", "error_type"]].values.tolist() == [
+        ["cats/empty.jpg", "empty_file"], ["dogs/noise.jpg", "not_an_image"]]
+    # unchanged bad files are not retried; a fixed one is, and its error record goes
+    assert extract(config(image_folder, tmp_path / "emb")).skipped == 12
+    make_image(image_folder / "cats" / "empty.jpg", fmt="JPEG")
+    fixed = extract(config(image_folder, tmp_path / "emb"))
+    assert (fixed.embedded, fixed.errors) == (1, 0)
+    assert read_errors(tmp_path / "emb")["id"].tolist() == ["dogs/noise.jpg"]
+
+
+def test_max_errors_stops_the_job_and_keeps_the_work(image_folder, tmp_path):
+    for i in range(4):
+        (image_folder / "cats" / f"zz{i}.jpg").write_bytes(b"junk")
+    with pytest.raises(TooManyErrorsError, match="more than --max-errors 2"):
+        extract(config(image_folder, tmp_path / "emb", max_errors=2))
+    assert list_parts(tmp_path / "emb")  # what was embedded before stopping is committed
+    # as a fraction of the images to embed: 4 of 14 bad is under a half
+    assert extract(config(image_folder, tmp_path / "emb2", max_errors=0.5)).errors == 4
+
+
+def test_penultimate_layer_and_float16_storage(image_folder, tmp_path):
+    summary = extract(config(image_folder, tmp_path / "emb", backbone="alexnet",
+                             layer=Layer.PENULTIMATE, embedding_dtype="float16"))
+    e = read_embeddings(summary.out)
+    assert e.vectors.shape == (10, 4096) and e.meta["embedding_dtype"] == "float16"
+
+
+def test_normalize_option(image_folder, tmp_path):
+    e = read_embeddings(extract(config(image_folder, tmp_path / "emb", normalize=True)).out)
+    np.testing.assert_allclose(np.linalg.norm(e.vectors, axis=1), 1.0, rtol=1e-3)
+    assert e.meta["normalize"] is True
+
+
+def test_grayscale_backbone_on_colour_images(image_folder, tmp_path):
+    e = read_embeddings(extract(config(image_folder, tmp_path / "emb", backbone="lenet5")).out)
+    assert e.vectors.shape == (10, 120) and e.meta["preprocessing"]["channels"] == 1
+
+
+def test_embed_paths_reproduces_the_dataset(image_folder, tmp_path):
+    e = read_embeddings(extract(config(image_folder, tmp_path / "emb")).out)
+    paths = [image_folder / i for i in e.ids[:3]] + [tmp_path / "missing.jpg"]
+    vectors, failures = embed_paths(paths, e.meta)
+    np.testing.assert_allclose(vectors[:3], e.vectors[:3], rtol=1e-5, atol=1e-6)
+    assert failures[:3] == [None] * 3 and failures[3].error_type == "not_found"
+    assert np.isnan(vectors[3]).all()

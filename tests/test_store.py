@@ -1,0 +1,280 @@
+"""The Parquet store: round trips, readers, crash recovery, locks and validated reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from embedpipe.errors import MetadataMismatchError, OutputLockedError, StoreError
+from embedpipe.store import (
+    ERRORS_SCHEMA,
+    META_KEY,
+    DatasetWriter,
+    dataset_info,
+    embeddings_table,
+    iter_embedding_blocks,
+    list_parts,
+    read_embeddings,
+    read_errors,
+)
+
+DIM = 8
+META = {"backbone": "toy", "layer": "gap", "dim": DIM, "weights": {"name": "none", "pretrained": False},
+        "preprocessing": {"crop_size": 4}, "embedding_dtype": "float32", "versions": {"x": "1"}}
+
+
+def rows(start: int, n: int, schema: pa.Schema, dim: int = DIM, dtype=np.float32) -> tuple[pa.Table, np.ndarray]:
+    vectors = (np.arange(start * dim, (start + n) * dim, dtype=np.float32).reshape(n, dim) / 7).astype(dtype)
+    table = embeddings_table(
+        ids=[f"img/{i:04d}.jpg" for i in range(start, start + n)],
+        labels=["even" if i % 2 == 0 else None for i in range(start, start + n)],
+        vectors=vectors, width=[10] * n, height=[20] * n, size=[100 + i for i in range(start, start + n)],
+        mtime_ns=[5] * n, content_hash=["h"] * n, schema=schema,
+    )
+    return table, vectors
+
+
+def write(out: Path, batches: list[tuple[int, int]], *, part_rows=4, meta=META) -> np.ndarray:
+    with DatasetWriter(out, meta, part_rows=part_rows) as w:
+        vecs = []
+        for start, n in batches:
+            t, v = rows(start, n, w.schema)
+            w.append(t)
+            vecs.append(v)
+    return np.concatenate(vecs)
+
+
+def test_round_trip(tmp_path):
+    out = tmp_path / "emb"
+    expected = write(out, [(0, 3), (3, 3), (6, 4)])
+    e = read_embeddings(out)
+    assert e.vectors.dtype == np.float32 and e.vectors.flags.c_contiguous
+    np.testing.assert_array_equal(e.vectors, expected)
+    assert e.ids.tolist() == [f"img/{i:04d}.jpg" for i in range(10)]
+    assert e.labels.tolist() == ["even" if i % 2 == 0 else None for i in range(10)]
+    assert e.meta["backbone"] == "toy" and e.meta["format_version"] == 1
+    parts = list_parts(out)
+    # a part is committed once its journal reaches part_rows: 3+3 rows, then 4
+    assert [pq.read_metadata(p).num_rows for p in parts] == [6, 4]
+    assert json.loads(pq.read_schema(parts[0]).metadata[META_KEY])["dim"] == DIM
+    assert pq.read_schema(parts[0]).field("embedding").type == pa.list_(pa.field("item", pa.float32(), nullable=False), DIM)
+
+
+def test_other_readers_see_one_dataset_without_the_errors(tmp_path):
+    out = tmp_path / "emb"
+    with DatasetWriter(out, META, part_rows=4) as w:
+        w.append(rows(0, 6, w.schema)[0])
+        w.append_errors(pa.Table.from_pylist(
+            [{"id": "bad.jpg", "path": "/x/bad.jpg", "error_type": "truncated", "message": "m", "size": 1, "mtime_ns": 1}],
+            schema=ERRORS_SCHEMA))
+    assert ds.dataset(out, format="parquet").count_rows() == 6
+    assert duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall() == [(6,)]
+    assert duckdb.sql(f"select len(embedding) from read_parquet('{out}/*.parquet') limit 1").fetchall() == [(DIM,)]
+    errors = read_errors(out)
+    assert errors[["id", "error_type"]].values.tolist() == [["bad.jpg", "truncated"]]
+    info = dataset_info(out)
+    assert (info["rows"], info["errors"], info["labels"], info["unlabelled"]) == (6, 1, {"even": 3}, 3)
+
+
+def test_float16_storage(tmp_path):
+    out = tmp_path / "emb"
+    meta = {**META, "embedding_dtype": "float16"}
+    with DatasetWriter(out, meta) as w:
+        t, v = rows(0, 5, w.schema, dtype=np.float16)
+        w.append(t)
+    assert pq.read_schema(list_parts(out)[0]).field("embedding").type.value_type == pa.float16()
+    e = read_embeddings(out)
+    assert e.vectors.dtype == np.float32
+    np.testing.assert_array_equal(e.vectors, v.astype(np.float32))
+
+
+def test_blocks_cover_the_dataset(tmp_path):
+    out = tmp_path / "emb"
+    expected = write(out, [(0, 5), (5, 5)], part_rows=5)
+    blocks = list(iter_embedding_blocks(out))
+    assert [len(b.ids) for b in blocks] == [5, 5]
+    np.testing.assert_array_equal(np.concatenate([b.vectors for b in blocks]), expected)
+
+
+# --- crash safety --------------------------------------------------------------------
+
+
+def crash(w: DatasetWriter) -> None:
+    """What SIGKILL leaves: journals on disk, nothing flushed, the lock released."""
+    w._unlock()
+
+
+def test_journal_rows_survive_a_crash_even_with_a_torn_last_batch(tmp_path):
+    out = tmp_path / "emb"
+    w = DatasetWriter(out, META, part_rows=100).__enter__()
+    for start in (0, 3, 6):
+        w.append(rows(start, 3, w.schema)[0])
+    crash(w)
+    (journal,) = (out / "_journal").glob("*.arrows")
+    data = journal.read_bytes()
+    journal.write_bytes(data[:-40])  # the third batch was being written when killed
+    assert list_parts(out) == []
+    with DatasetWriter(out, META, part_rows=100):
+        pass
+    e = read_embeddings(out)
+    assert e.ids.tolist() == [f"img/{i:04d}.jpg" for i in range(6)]
+    assert not list((out / "_journal").glob("*.arrows"))
+
+
+def test_superseded_files_left_by_a_crash_are_removed(tmp_path):
+    out = tmp_path / "emb"
+    write(out, [(0, 4), (4, 4)], part_rows=4)
+    first = list_parts(out)[0]
+    backup = tmp_path / "backup.parquet"
+    shutil.copy(first, backup)
+    with DatasetWriter(out, META, part_rows=4) as w:
+        assert w.drop({"img/0001.jpg"}) == (1, 0)
+    shutil.copy(backup, first)  # as if killed between the rename and the delete
+    with DatasetWriter(out, META, part_rows=4):
+        pass
+    e = read_embeddings(out)
+    assert sorted(e.ids.tolist()) == [f"img/{i:04d}.jpg" for i in range(8) if i != 1]
+
+
+def test_temporary_files_are_never_parts(tmp_path):
+    out = tmp_path / "emb"
+    write(out, [(0, 4)])
+    (out / ".part-000009.parquet.abc.tmp").write_bytes(b"half a file")
+    assert len(list_parts(out)) == 1
+    with DatasetWriter(out, META):
+        pass
+    assert not list(out.glob(".*.tmp"))
+
+
+# --- locks ---------------------------------------------------------------------------
+
+
+def test_second_writer_is_refused(tmp_path):
+    out = tmp_path / "emb"
+    with DatasetWriter(out, META):
+        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
+            DatasetWriter(out, META).__enter__()
+
+
+def test_lock_of_a_killed_job_is_released(tmp_path):
+    out = tmp_path / "emb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from embedpipe.store import DatasetWriter
+            w = DatasetWriter({str(out)!r}, {META!r}).__enter__()
+            print("locked", flush=True)
+            time.sleep(60)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputLockedError, match=f"pid {holder.pid}"):
+            DatasetWriter(out, META).__enter__()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with DatasetWriter(out, META):  # a stale lock: the kernel released it with the process
+        pass
+
+
+# --- provenance and validation -------------------------------------------------------
+
+
+def test_different_provenance_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "emb"
+    write(out, [(0, 4)])
+    other = {**META, "backbone": "other", "versions": {"x": "2"}}
+    with pytest.raises(MetadataMismatchError, match='backbone: "toy" \\(existing\\) != "other"'):
+        DatasetWriter(out, other).__enter__()
+    with DatasetWriter(out, {**META, "versions": {"x": "2"}}):  # run details may differ
+        pass
+    with DatasetWriter(out, other, overwrite=True) as w:
+        w.append(rows(0, 2, w.schema)[0])
+    assert read_embeddings(out).meta["backbone"] == "other" and len(read_embeddings(out).ids) == 2
+
+
+def _rewrite_part(part: Path, fn) -> None:
+    table = pq.read_table(part)
+    table = fn(table)
+    pq.write_table(table, part)
+
+
+def test_nan_rows_are_refused_naming_the_file(tmp_path):
+    out = tmp_path / "emb"
+    write(out, [(0, 4)])
+    part = list_parts(out)[0]
+
+    def poison(t):
+        v = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+        v[2, 3] = np.nan
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), DIM)
+        return t.set_column(2, pa.field("embedding", emb.type), emb)
+
+    _rewrite_part(part, poison)
+    with pytest.raises(StoreError, match=f"{part.name}.*NaN or inf.*img/0002.jpg"):
+        read_embeddings(out)
+
+
+def test_duplicate_ids_across_parts_are_refused(tmp_path):
+    out = tmp_path / "emb"
+    write(out, [(0, 4)])
+    part = list_parts(out)[0]
+    shutil.copy(part, out / "part-000001.parquet")
+    with pytest.raises(StoreError, match="repeats ids"):
+        read_embeddings(out)
+
+
+def test_parts_made_differently_are_refused(tmp_path):
+    out = tmp_path / "emb"
+    write(out, [(0, 4)])
+    part = list_parts(out)[0]
+    meta = json.loads(pq.read_schema(part).metadata[META_KEY])
+    meta["weights"] = {"name": "IMAGENET1K_V1", "pretrained": True}
+    table = pq.read_table(part).replace_schema_metadata({META_KEY: json.dumps(meta)})
+    pq.write_table(table, out / "part-000001.parquet")
+    with pytest.raises(MetadataMismatchError, match="part-000001.parquet.*weights"):
+        read_embeddings(out)
+
+
+def test_empty_or_missing_dataset(tmp_path):
+    with pytest.raises(StoreError, match="do not exist"):
+        read_embeddings(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="no embedding parts"):
+        read_embeddings(tmp_path / "empty")
+
+
+def test_foreign_parquet_is_refused(tmp_path):
+    pq.write_table(pa.table({"id": ["a"]}), tmp_path / "part-000000.parquet")
+    with pytest.raises(StoreError, match="no embedpipe metadata"):
+        read_embeddings(tmp_path)
+
+
+def test_journal_append_is_visible_to_another_process(tmp_path):
+    """A journal append reaches the OS at once (no user-space buffer to lose on SIGKILL)."""
+    out = tmp_path / "emb"
+    w = DatasetWriter(out, META, part_rows=100).__enter__()
+    w.append(rows(0, 2, w.schema)[0])
+    (journal,) = (out / "_journal").glob("*.arrows")
+    got = subprocess.run(
+        [sys.executable, "-c", f"from embedpipe.store import _Journal; from pathlib import Path; "
+                               f"print(_Journal.recover(Path({str(journal)!r})).num_rows)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert got == "2"
+    w.__exit__(None, None, None)
