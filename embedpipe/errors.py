@@ -102,3 +102,27 @@ class IndexFileError(EmbedpipeError, ValueError):
 
 
 # --- probe / report ------------------------------------------------------------------
+
+
+class ProbeInputError(EmbedpipeError, ValueError):
+    """Embeddings that cannot be probed as given: shapes, names, non-finite values."""
+
+
+class MissingLabelsError(ProbeInputError):
+    """Rows whose label is missing; a probe needs every row labelled."""
+
+
+class IdAlignmentError(ProbeInputError):
+    """Embeddings of different backbones that do not cover the same ids with the same labels."""
+
+
+class SplitError(ProbeInputError):
+    """Too few rows per class for the requested train / validation / test split."""
+
+
+class ProbeConfigError(EmbedpipeError, ValueError):
+    """A probe option outside its valid range."""
+
+
+class ReportError(EmbedpipeError, ValueError):
+    """A report directory without a readable ``results.json`` of a supported schema."""

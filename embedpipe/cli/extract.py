@@ -78,6 +78,8 @@ def backbones(fmt: str) -> None:
               help="Fail once more images than this are unreadable; below 1, a fraction of the images.")
 @click.option("--overwrite", is_flag=True, help="Replace embeddings in --out made differently.")
 @click.option("--seed", type=int, default=0, help="Seed of the random init for --weights none.")
+@click.option("--part-rows", type=click.IntRange(min=1),
+              help="Rows per Parquet part. Default: about 128 MiB of vectors, at most 65,536.")
 @click.pass_context
 @friendly_errors
 def extract(ctx: click.Context, source: Path, **options) -> None:

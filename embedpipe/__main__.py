@@ -1,0 +1,5 @@
+"""``python -m embedpipe`` is the ``embedpipe`` command."""
+
+from .cli import main
+
+main()
