@@ -138,3 +138,36 @@ def test_embed_paths_reproduces_the_dataset(image_folder, tmp_path):
     np.testing.assert_allclose(vectors[:3], e.vectors[:3], rtol=1e-5, atol=1e-6)
     assert failures[:3] == [None] * 3 and failures[3].error_type == "not_found"
     assert np.isnan(vectors[3]).all()
+
+
+def test_the_bad_input_corpus_end_to_end(tmp_path):
+    """A folder of every awkward case: readable ones embedded, the rest recorded by type."""
+    from PIL import Image
+
+    root = tmp_path / "corpus" / "c"
+    make_image(root / "ok.jpg")
+    make_image(root / "png named.jpg", fmt="PNG")
+    make_image(root / "cmyk.jpg", mode="CMYK")
+    make_image(root / "gray.png", mode="L")
+    make_image(root / "one bit.png", mode="1")
+    make_image(root / "palette.png", mode="P", transparency=0)
+    make_image(root / "rgba.png", mode="RGBA")
+    make_image(root / "anim.gif", mode="P", save_all=True,
+               append_images=[Image.new("P", (64, 48), 3)])
+    make_image(root / "tiny.png", size=(1, 1))
+    make_image(root / "ünïcødé ✓.webp")
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(root / "deep16.png")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "noise.jpg").write_bytes(os.urandom(300))
+    trunc = make_image(root / "truncated.jpg", size=(300, 300), quality=95)
+    trunc.write_bytes(trunc.read_bytes()[:1500])
+    make_image(root / "huge.png", size=(400, 300))
+    os.symlink(root / "nowhere.jpg", root / "broken link.jpg")
+    os.symlink(root / "loop.jpg", root / "loop.jpg")
+    (root / "folder.jpg").mkdir()
+    summary = extract(config(root.parent, tmp_path / "emb", max_pixels=100_000))
+    assert summary.embedded == 11
+    assert summary.errors_by_type == {"empty_file": 1, "not_an_image": 1, "truncated": 1,
+                                      "too_many_pixels": 1, "not_found": 1, "unreadable": 1}
+    e = read_embeddings(tmp_path / "emb")
+    assert "c/ünïcødé ✓.webp" in set(e.ids) and np.isfinite(e.vectors).all()

@@ -1,0 +1,49 @@
+"""How a job is planned on this machine, and on a (simulated) CUDA one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embedpipe.config import ExtractConfig
+from embedpipe.engine import bf16_supported_on_cpu, cpu_count, plan
+from embedpipe.errors import DeviceError
+
+
+def cfg(**kw) -> ExtractConfig:
+    return ExtractConfig(source=".", out=".", backbone="resnet18", **kw)
+
+
+def test_cpu_defaults_keep_fp32_exact():
+    r = plan(cfg(device="cpu"))
+    assert (r.device, r.precision, r.channels_last) == ("cpu", "fp32", False)
+    assert r.threads == cpu_count() and r.workers >= 1 and r.batch_size == 32
+
+
+def test_user_choices_win():
+    r = plan(cfg(device="cpu", batch_size=7, workers=3))
+    assert (r.batch_size, r.workers) == (7, 3)
+
+
+@pytest.mark.skipif(not bf16_supported_on_cpu(), reason="this CPU has no bf16")
+def test_bf16_on_cpu_uses_channels_last():
+    assert plan(cfg(device="cpu", precision="bf16")).channels_last
+
+
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(DeviceError, match="use --precision bf16"):
+        plan(cfg(device="cpu", precision="fp16"))
+
+
+def test_cuda_asked_for_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        plan(cfg(device="cuda"))
+    assert plan(cfg(device="auto")).device == "cpu"
+
+
+def test_auto_picks_cuda_when_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    r = plan(cfg(precision="fp16"))
+    assert (r.device, r.channels_last, r.batch_size) == ("cuda", True, 128)
+    assert r.workers == max(1, min(cpu_count() - 1, 16))
