@@ -56,11 +56,15 @@ class DecodeMode(Choice):
 
     ``draft`` lets libjpeg downscale by 1/2, 1/4 or 1/8 in the DCT domain when the
     image is at least that much larger than the resize target; ``full`` always decodes
-    every pixel. Other formats are decoded fully either way.
+    every pixel; ``device`` decodes JPEGs in batches on the extraction device with
+    ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA) and resizes them there, leaving the
+    workers only reading and checking files. Other formats are decoded fully by the
+    workers in every mode.
     """
 
     DRAFT = "draft"
     FULL = "full"
+    DEVICE = "device"
 
 
 #: Pillow's own default warning threshold; above it an image is refused before decoding.

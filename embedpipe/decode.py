@@ -59,6 +59,17 @@ class Decoded:
 
 
 @dataclass(frozen=True, slots=True)
+class EncodedJPEG:
+    """A checked JPEG left for the device to decode (``DecodeMode.DEVICE``): the header
+    was read, the pixel cap applied; ``width``/``height`` as oriented."""
+
+    data: bytes
+    width: int
+    height: int
+    content_hash: str
+
+
+@dataclass(frozen=True, slots=True)
 class DecodeFailure:
     error_type: ErrorType
     message: str
@@ -156,12 +167,30 @@ def load_image(
     return to_mode(img, mode), (width, height)
 
 
+def _device_decodable(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """The oriented size of a baseline/progressive RGB or grayscale JPEG that the device
+    decoder handles; ``None`` for anything else (decoded by the worker instead)."""
+    img = open_image(data, max_pixels=max_pixels)
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    w, h = img.size
+    return (h, w) if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+
+
 def decode_file(
     path: str, preprocessing: Preprocessing, *, max_pixels: int, mode: DecodeMode
-) -> Decoded | DecodeFailure:
-    """Read, decode, orient, convert, resize and crop one file. Never raises."""
+) -> Decoded | EncodedJPEG | DecodeFailure:
+    """Read, decode, orient, convert, resize and crop one file. Never raises.
+
+    With ``DecodeMode.DEVICE`` a plain JPEG is only checked and comes back encoded.
+    """
     try:
         data = _read(path)
+        if mode == DecodeMode.DEVICE and preprocessing.channels == 3:
+            size = _device_decodable(data, max_pixels)
+            if size is not None:
+                digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+                return EncodedJPEG(data, *size, digest)
         img, (width, height) = load_image(
             data,
             mode=preprocessing.mode,

@@ -30,7 +30,7 @@ import torch
 from . import __version__
 from .backbones import Embedder, load_backbone
 from .config import DecodeMode, Device, EmbeddingDtype, ExtractConfig, Precision
-from .decode import Decoded, DecodeFailure, decode_file
+from .decode import Decoded, DecodeFailure, EncodedJPEG, decode_file
 from .errors import DeviceError, TooManyErrorsError
 from .loader import DecodePool
 from .preprocess import Preprocessing
@@ -108,6 +108,23 @@ def plan(config: ExtractConfig) -> Runtime:
 # --- the forward pass ----------------------------------------------------------------
 
 
+def normalize(
+    x: torch.Tensor,
+    preprocessing: Preprocessing,
+    *,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """(B, C, H, W) uint8 -> float32 on the same device, normalised.
+
+    The arithmetic of torchvision's ``ImageClassification`` (``x / 255``, then
+    ``(x - mean) / std``), done once per batch on the device rather than per image.
+    """
+    mean = torch.tensor(preprocessing.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(preprocessing.std, device=x.device).view(1, -1, 1, 1)
+    x = x.float().div_(255).sub_(mean).div_(std)
+    return x.contiguous(memory_format=memory_format)
+
+
 def pixels_to_tensor(
     pixels: np.ndarray,
     preprocessing: Preprocessing,
@@ -115,19 +132,12 @@ def pixels_to_tensor(
     device: torch.device = torch.device("cpu"),
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
-    """(B, H, W, C) uint8 -> (B, C, H, W) float32 on ``device``, normalised.
-
-    The arithmetic of torchvision's ``ImageClassification`` (``x / 255``, then
-    ``(x - mean) / std``), done once per batch on the device rather than per image.
-    """
+    """(B, H, W, C) uint8 numpy -> (B, C, H, W) normalised float32 on ``device``."""
     x = torch.from_numpy(pixels)
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
-    mean = torch.tensor(preprocessing.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(preprocessing.std, device=device).view(1, -1, 1, 1)
     # (B, H, W, C) -> (B, C, H, W): the strides are channels_last already
-    x = x.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
-    return x.contiguous(memory_format=memory_format)
+    return normalize(x.permute(0, 3, 1, 2), preprocessing, memory_format=memory_format)
 
 
 class BatchEmbedder:
@@ -148,11 +158,32 @@ class BatchEmbedder:
             runtime.precision
         )
 
-    @torch.inference_mode()
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, H, W, C) uint8 -> (B, D) float32."""
         x = pixels_to_tensor(
             pixels, self.preprocessing, device=self.device, memory_format=self.memory_format
         )
+        return self.embed(x)
+
+    def embed_items(
+        self, items: list[Decoded | EncodedJPEG]
+    ) -> tuple[np.ndarray, dict[int, DecodeFailure]]:
+        """Worker results -> (embeddings of the items that decoded, failures by index).
+
+        Encoded JPEGs (``--decode device``) are decoded here, on the device.
+        """
+        if all(isinstance(d, Decoded) for d in items):
+            return self(np.stack([d.pixels for d in items])), {}
+        from .device_decode import decode_items
+
+        x, failures = decode_items(items, self.preprocessing, self.device)
+        if not len(x):
+            return np.empty((0, self.model.dim), np.float32), failures
+        return self.embed(normalize(x, self.preprocessing, memory_format=self.memory_format)), failures
+
+    @torch.inference_mode()
+    def embed(self, x: torch.Tensor) -> np.ndarray:
+        """(B, C, H, W) normalised float on the device -> (B, D) float32 numpy."""
         with torch.autocast(
             self.device.type,
             dtype=self.autocast_dtype or torch.float32,
@@ -235,13 +266,13 @@ def _preprocessing(embedder: Embedder, config: ExtractConfig) -> Preprocessing:
 
 
 def _batches(
-    results: Iterator[tuple[ImageRecord, Decoded | DecodeFailure]], batch_size: int
-) -> Iterator[tuple[list[tuple[ImageRecord, Decoded]], list[tuple[ImageRecord, DecodeFailure]]]]:
+    results: Iterator[tuple[ImageRecord, Decoded | EncodedJPEG | DecodeFailure]], batch_size: int
+) -> Iterator[tuple[list[tuple[ImageRecord, Decoded | EncodedJPEG]], list[tuple[ImageRecord, DecodeFailure]]]]:
     """Group decode results into full batches of successes, with the failures met on the way."""
-    ok: list[tuple[ImageRecord, Decoded]] = []
+    ok: list[tuple[ImageRecord, Decoded | EncodedJPEG]] = []
     failed: list[tuple[ImageRecord, DecodeFailure]] = []
     for record, result in results:
-        if isinstance(result, Decoded):
+        if isinstance(result, (Decoded, EncodedJPEG)):
             ok.append((record, result))
         else:
             failed.append((record, result))
@@ -335,8 +366,12 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
                 ok, failed = item
                 if ok:
                     t = time.perf_counter()
-                    vectors = forward(np.stack([d.pixels for _, d in ok]))
+                    vectors, rejected = forward.embed_items([d for _, d in ok])
                     seconds["forward"] += time.perf_counter() - t
+                    if rejected:
+                        failed = failed + [(ok[i][0], f) for i, f in rejected.items()]
+                        ok = [x for i, x in enumerate(ok) if i not in rejected]
+                if ok:
                     t = time.perf_counter()
                     writer.append(
                         embeddings_table(
@@ -415,7 +450,10 @@ def embed_paths(paths: list[str | os.PathLike], meta: dict) -> tuple[np.ndarray,
         for p in paths
     ]
     vectors = np.full((len(paths), embedder.dim), np.nan, np.float32)
-    ok = [i for i, r in enumerate(results) if isinstance(r, Decoded)]
+    failures = {i: r for i, r in enumerate(results) if isinstance(r, DecodeFailure)}
+    ok = [i for i in range(len(results)) if i not in failures]
     if ok:
-        vectors[ok] = forward(np.stack([results[i].pixels for i in ok]))
-    return vectors, [None if isinstance(r, Decoded) else r for r in results]
+        emb, rejected = forward.embed_items([results[i] for i in ok])
+        vectors[[i for j, i in enumerate(ok) if j not in rejected]] = emb
+        failures.update({ok[j]: f for j, f in rejected.items()})
+    return vectors, [failures.get(i) for i in range(len(paths))]

@@ -171,3 +171,25 @@ def test_the_bad_input_corpus_end_to_end(tmp_path):
                                       "too_many_pixels": 1, "not_found": 1, "unreadable": 1}
     e = read_embeddings(tmp_path / "emb")
     assert "c/ünïcødé ✓.webp" in set(e.ids) and np.isfinite(e.vectors).all()
+
+
+def test_device_decode_path_on_the_cpu(tmp_path):
+    """--decode device: JPEGs decoded in batches by torchvision.io.decode_jpeg (nvJPEG on a
+    GPU, libjpeg-turbo here), other formats by the workers; close to the worker path."""
+    src = tmp_path / "src" / "x"
+    for i, size in enumerate([(1200, 900), (640, 480), (300, 500)]):
+        make_image(src / f"{i}.jpg", size=size, seed=i, quality=92)
+    make_image(src / "p.png", size=(200, 150))
+    trunc = make_image(src / "t.jpg", size=(300, 300), quality=95)
+    trunc.write_bytes(trunc.read_bytes()[: len(trunc.read_bytes()) // 2])
+    dev = extract(config(src.parent, tmp_path / "dev", decode=DecodeMode.DEVICE))
+    full = extract(config(src.parent, tmp_path / "full", decode=DecodeMode.FULL))
+    assert (dev.embedded, dev.errors_by_type) == (4, {"truncated": 1})
+    assert full.errors_by_type == {"truncated": 1}
+    a, b = read_embeddings(dev.out), read_embeddings(full.out)
+    assert a.ids.tolist() == b.ids.tolist()
+    cos = (a.vectors * b.vectors).sum(1) / np.linalg.norm(a.vectors, axis=1) / np.linalg.norm(b.vectors, axis=1)
+    assert cos.min() > 0.99
+    png = a.ids.tolist().index("x/p.png")
+    np.testing.assert_allclose(a.vectors[png], b.vectors[png], rtol=1e-5, atol=1e-6)  # worker-decoded
+    assert a.meta["decode"] == "device"
