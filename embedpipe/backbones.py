@@ -22,9 +22,11 @@ from __future__ import annotations
 import difflib
 import enum
 import hashlib
+import importlib
+import importlib.metadata
 import os
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import urlparse
@@ -34,6 +36,7 @@ from torch import nn
 from torchvision.models import WeightsEnum, get_model_builder, get_model_weights
 
 from .config import Layer
+from .keymaps import parse_key_map
 from .errors import (
     DuplicateBackboneError,
     UnknownBackboneError,
@@ -45,8 +48,9 @@ from .preprocess import Preprocessing
 
 # --- the cut: which modules to replace for each family and layer ---------------------
 
-#: (dotted attribute path, factory of the replacement module)
-Surgery = tuple[tuple[str, Callable[[], nn.Module]], ...]
+#: (dotted attribute path, factory of the replacement module) pairs, or a function that
+#: cuts a model in place (timm's ``reset_classifier(0)``, say)
+Surgery = tuple[tuple[str, Callable[[], nn.Module]], ...] | Callable[[nn.Module], None]
 
 _FC: Surgery = (("fc", nn.Identity),)
 _CLASSIFIER: Surgery = (("classifier", nn.Identity),)
@@ -111,10 +115,18 @@ class BackboneSpec:
     weights_enum: type[WeightsEnum] | None = None
     default_preprocessing: Preprocessing | None = None
     source: str = "torchvision"
+    cut: Mapping[Layer, Surgery] | None = None
+    pretrained: Mapping[str, Callable[[], tuple[nn.Module, WeightsInfo]]] = field(default_factory=dict)
+    #: names in ``pretrained`` that are on this machine already (no download needed)
+    pretrained_offline: Callable[[], list[str]] = list
 
     def __post_init__(self) -> None:
-        if self.family not in _CUTS:
-            raise ValueError(f"unknown family {self.family!r}; known: {sorted(_CUTS)}")
+        if self.cut is None:
+            if self.family not in _CUTS:
+                raise ValueError(f"unknown family {self.family!r}; known: {sorted(_CUTS)}")
+            object.__setattr__(self, "cut", _CUTS[self.family])
+        if set(self.dims) != set(self.cut):
+            raise ValueError(f"{self.name}: dims {list(self.dims)} and cuts {list(self.cut)} differ")
         object.__setattr__(self, "dims", MappingProxyType(dict(self.dims)))
 
     @property
@@ -124,7 +136,7 @@ class BackboneSpec:
     def weight_names(self) -> list[str]:
         """Names accepted by ``--weights`` besides ``none`` and a checkpoint path."""
         if self.weights_enum is None:
-            return []
+            return list(self.pretrained)
         return ["DEFAULT", *(w.name for w in self.weights_enum)]
 
     def preprocessing(self, weights: WeightsEnum | None = None) -> Preprocessing:
@@ -155,6 +167,17 @@ def register(spec: BackboneSpec) -> BackboneSpec:
 
 
 def get_spec(name: str) -> BackboneSpec:
+    """The spec registered as ``name``; ``timm/<model>`` and ``package.module:callable``
+    are resolved (and registered) on first use, entry points on first miss."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith("timm/"):
+        from .timm_backbones import timm_spec
+
+        return register(timm_spec(name.removeprefix("timm/")))
+    if ":" in name:
+        return register(user_spec(name))
+    _load_entry_points()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -167,7 +190,77 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 def list_backbones() -> list[BackboneSpec]:
+    """Every registered backbone, entry-point plugins included (timm's are listed by
+    ``timm_backbones.list_timm``)."""
+    _load_entry_points()
     return sorted(_REGISTRY.values(), key=lambda s: (s.family, s.name))
+
+
+# --- user backbones ------------------------------------------------------------------
+
+ENTRY_POINT_GROUP = "embedpipe.backbones"
+
+
+@dataclass(frozen=True)
+class CustomBackbone:
+    """What a user's backbone callable returns (see docs/backbones.md).
+
+    ``model``: (B, C, H, W) normalised float -> (B, ``dim``) embeddings, in eval mode;
+    ``preprocessing``: how images are prepared for it.
+    """
+
+    model: nn.Module
+    dim: int
+    preprocessing: Preprocessing
+
+
+def _custom_spec(name: str, factory: Callable[[], CustomBackbone]) -> BackboneSpec:
+    probe = factory()
+    if not isinstance(probe, CustomBackbone):
+        raise WeightsError(f"backbone {name!r} must return embedpipe.backbones.CustomBackbone, got {type(probe).__name__}")
+    p = probe.preprocessing
+    with torch.inference_mode():
+        out = probe.model.eval()(torch.zeros(2, p.channels, p.crop_size, p.crop_size))
+    if tuple(out.shape) != (2, probe.dim):
+        raise WeightsError(
+            f"backbone {name!r} declares dim {probe.dim} but maps a (2, {p.channels}, "
+            f"{p.crop_size}, {p.crop_size}) batch to {tuple(out.shape)}"
+        )
+
+    def builder(weights: None = None) -> nn.Module:
+        return factory().model
+
+    return BackboneSpec(
+        name=name, family="custom", builder=builder, dims={Layer.GAP: probe.dim},
+        default_preprocessing=p, source="user", cut={Layer.GAP: ()},
+    )
+
+
+def user_spec(reference: str) -> BackboneSpec:
+    """``package.module:callable`` -> a spec; the callable returns a :class:`CustomBackbone`."""
+    module, _, attr = reference.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise UnknownBackboneError(
+            f"cannot import backbone {reference!r} ({e}); a user backbone is "
+            "'package.module:callable' importable from this Python"
+        ) from e
+    return _custom_spec(reference, factory)
+
+
+_ENTRY_POINTS_LOADED = False
+
+
+def _load_entry_points() -> None:
+    """Register backbones that installed packages declare in the entry-point group
+    ``embedpipe.backbones`` (name -> a callable returning a CustomBackbone)."""
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        register(_custom_spec(ep.name, ep.load()))
 
 
 def _register_torchvision(family: str, dims: dict[str, tuple[int, int]]) -> None:
@@ -271,6 +364,8 @@ class WeightsKind(str, enum.Enum):
     NONE = "none"
     TORCHVISION = "torchvision"
     CHECKPOINT = "checkpoint"
+    TIMM = "timm"  # timm's pretrained weights, through its hub cache
+    PACKAGE = "package"  # a file shipped inside an installed Python package
 
 
 @dataclass(frozen=True)
@@ -287,6 +382,7 @@ class WeightsInfo:
     sha256: str | None = None
     url: str | None = None
     seed: int | None = None
+    key_map: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -296,6 +392,14 @@ class WeightsInfo:
     @classmethod
     def from_dict(cls, d: dict) -> WeightsInfo:
         return cls(**{**d, "kind": WeightsKind(d["kind"])})
+
+    def argument(self) -> str:
+        """The ``--weights`` value that loads these weights again."""
+        if self.kind == WeightsKind.TORCHVISION:
+            return self.name.rpartition(".")[2]  # ResNet50_Weights.IMAGENET1K_V2 -> IMAGENET1K_V2
+        if self.kind in (WeightsKind.TIMM, WeightsKind.PACKAGE):
+            return "DEFAULT"
+        return self.name  # "none", or the checkpoint's path
 
 
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
@@ -313,18 +417,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_weights(spec: BackboneSpec, weights: str) -> WeightsEnum | Path | None:
-    """Interpret a ``--weights`` value: ``None`` (random), a weights enum, or a file."""
+def resolve_weights(spec: BackboneSpec, weights: str) -> WeightsEnum | Path | str | None:
+    """Interpret a ``--weights`` value: ``None`` (random), a torchvision weights enum, a
+    checkpoint file, or the name of one of ``spec.pretrained``."""
     if weights.lower() == "none":
         return None
     if Path(weights).is_file():
         return Path(weights).resolve()
     if _looks_like_path(weights):
         raise WeightsError(f"checkpoint file {weights!r} does not exist")
+    if weights in spec.pretrained:
+        return weights
     if spec.weights_enum is None:
+        known = f"choose one of {', '.join(spec.pretrained)}, " if spec.pretrained else "it has no published weights; use "
         raise WeightsError(
-            f"{spec.name} has no published weights; use --weights none or a checkpoint path, "
-            f"not {weights!r}"
+            f"unknown weights {weights!r} for {spec.name}: {known}--weights none or a checkpoint path"
         )
     try:
         return spec.weights_enum.DEFAULT if weights == "DEFAULT" else spec.weights_enum[weights]
@@ -395,7 +502,9 @@ def _build(spec: BackboneSpec, resolved: WeightsEnum | Path | None, seed: int) -
 def _cut(model: nn.Module, surgery: Surgery, aux: tuple[str, ...]) -> set[str]:
     """Apply ``surgery`` in place; return the state_dict keys it removed."""
     before = set(model.state_dict())
-    for path, make in surgery:
+    if callable(surgery):
+        surgery(model)
+    for path, make in surgery if not callable(surgery) else ():
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, attr, make())
@@ -406,18 +515,22 @@ def _cut(model: nn.Module, surgery: Surgery, aux: tuple[str, ...]) -> set[str]:
     return before - set(model.state_dict())
 
 
-def _load_checkpoint(model: nn.Module, path: Path, removed: set[str], spec: BackboneSpec) -> None:
-    state = load_state_dict(path)
+def load_into(
+    model: nn.Module, state: dict[str, torch.Tensor], removed: set[str], *, what: str, spec: BackboneSpec
+) -> None:
+    """Load ``state`` strictly into a cut model: keys of the removed head are ignored,
+    every other missing or unexpected key is an error that lists them."""
     result = model.load_state_dict(
         {k: v for k, v in state.items() if k not in removed}, strict=False
     )
     unexpected = [k for k in result.unexpected_keys if k not in removed]
     if result.missing_keys or unexpected:
         raise WeightsError(
-            f"checkpoint {path} does not fit {spec.name}: "
+            f"{what} does not fit {spec.name}: "
             f"{len(result.missing_keys)} missing keys {result.missing_keys[:8]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:8]}. Was it saved from another "
-            "architecture, or with prefixed names (e.g. 'module.' from DataParallel)?"
+            "architecture, or with other names? --weights-key-map renames keys "
+            "(e.g. 'strip-module' for DataParallel's 'module.' prefix)."
         )
 
 
@@ -478,39 +591,59 @@ def load_backbone(
     layer: Layer | str = Layer.GAP,
     preprocessing: Preprocessing | None = None,
     seed: int = 0,
+    key_map: str | None = None,
 ) -> Embedder:
     """Build ``name`` with ``weights``, cut at ``layer``, frozen, on the CPU.
 
     ``preprocessing`` overrides the one published with the weights. ``seed`` makes
     ``weights="none"`` reproducible: the same seed gives the same random network.
+    ``key_map`` (see :mod:`embedpipe.keymaps`) renames a checkpoint's keys before the
+    strict load.
     """
     spec = get_spec(name)
     layer = Layer(layer)
     if layer not in spec.dims:
         raise ValueError(f"{name} has no layer {layer.value!r}; choose one of {list(spec.dims)}")
     resolved = resolve_weights(spec, weights)
-    model = _build(spec, resolved, seed)
-    removed = _cut(model, _CUTS[spec.family][layer], _AUX.get(spec.family, ()))
+    if key_map is not None and not isinstance(resolved, Path):
+        raise WeightsError("--weights-key-map applies to checkpoint files only")
+    if isinstance(resolved, str):
+        model, info = spec.pretrained[resolved]()
+    else:
+        model = _build(spec, resolved, seed)
+    removed = _cut(model, spec.cut[layer], _AUX.get(spec.family, ()))
     if isinstance(resolved, Path):
-        _load_checkpoint(model, resolved, removed, spec)
+        state = load_state_dict(resolved)
+        if key_map is not None:
+            state = parse_key_map(key_map)(state)
+        load_into(model, state, removed, what=f"checkpoint {resolved}", spec=spec)
         info = WeightsInfo(
-            WeightsKind.CHECKPOINT, str(resolved), pretrained=True, sha256=_sha256(resolved)
+            WeightsKind.CHECKPOINT, str(resolved), pretrained=True, sha256=_sha256(resolved),
+            key_map=key_map,
         )
     elif isinstance(resolved, WeightsEnum):
         info = WeightsInfo(WeightsKind.TORCHVISION, str(resolved), pretrained=True, url=resolved.url)
-    else:
+    elif resolved is None:
         info = WeightsInfo(WeightsKind.NONE, "none", pretrained=False, seed=seed)
     if preprocessing is None:
         preprocessing = spec.preprocessing(resolved if isinstance(resolved, WeightsEnum) else None)
     return Embedder(model, spec=spec, layer=layer, weights=info, preprocessing=preprocessing)
 
 
-def iter_cached_weights(spec: BackboneSpec) -> Iterator[WeightsEnum]:
-    """The weights of ``spec`` already present in the local torchvision cache."""
+def available_weights(spec: BackboneSpec) -> list[str]:
+    """``--weights`` names of ``spec`` usable without a download on this machine."""
     if spec.weights_enum is None:
-        return
-    for w in spec.weights_enum:
-        if cached_weights_path(w).is_file():
-            yield w
+        return spec.pretrained_offline()
+    return [w.name for w in spec.weights_enum if cached_weights_path(w).is_file()]
 
 
+
+
+def _register_offline_pretrained() -> None:
+    # at the end: timm_backbones builds its spec from the names defined above
+    from .timm_backbones import EFFICIENTNET_LITE0
+
+    register(EFFICIENTNET_LITE0)
+
+
+_register_offline_pretrained()

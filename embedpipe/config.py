@@ -85,6 +85,7 @@ class ExtractConfig:
     out: Path
     backbone: str
     weights: str = "DEFAULT"
+    weights_key_map: str | None = None
     layer: Layer = Layer.GAP
     device: Device = Device.AUTO
     precision: Precision = Precision.FP32

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .backbones import get_spec, iter_cached_weights
+from .backbones import available_weights, get_spec
 from .config import ExtractConfig
 from .datasets import mnist_folder
 from .engine import extract
@@ -23,8 +23,7 @@ from .store import dataset_info
 
 
 def _weights_for(backbone: str) -> str:
-    cached = next(iter_cached_weights(get_spec(backbone)), None)
-    return cached.name if cached is not None else "none"
+    return next(iter(available_weights(get_spec(backbone))), "none")
 
 
 @click.command()

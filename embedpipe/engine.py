@@ -310,7 +310,8 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
     t0 = time.perf_counter()
     runtime = plan(config)
     embedder = load_backbone(
-        config.backbone, weights=config.weights, layer=config.layer, seed=config.seed
+        config.backbone, weights=config.weights, layer=config.layer, seed=config.seed,
+        key_map=config.weights_key_map,
     )
     embedder.preprocessing = _preprocessing(embedder, config)
     records = open_source(config.source)
@@ -429,10 +430,11 @@ def embed_paths(paths: list[str | os.PathLike], meta: dict) -> tuple[np.ndarray,
     weights = WeightsInfo.from_dict(meta["weights"])
     embedder = load_backbone(
         meta["backbone"],
-        weights=weights.name if weights.kind != WeightsKind.TORCHVISION else weights.name.split(".")[-1],
+        weights=weights.argument(),
         layer=meta["layer"],
         preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
         seed=weights.seed or 0,
+        key_map=weights.key_map if weights.kind == WeightsKind.CHECKPOINT else None,
     )
     config = ExtractConfig(
         source=Path("."),

@@ -21,7 +21,7 @@ def test_backbones_table():
     r = run("backbones")
     assert r.exit_code == 0
     header, *rows = r.output.splitlines()
-    assert header.split() == ["name", "family", "gap", "penultimate", "input", "weights", "cached"]
+    assert header.split() == ["name", "family", "gap", "penultimate", "input", "weights", "offline"]
     by_name = {row.split()[0]: row.split() for row in rows}
     assert by_name["resnet50"][1:5] == ["resnet", "2048", "2048", "224"]
     assert by_name["inception_v3"][4] == "299"

@@ -20,23 +20,37 @@ from ._common import echo_json, enum_choice, friendly_errors
 
 
 @main.command()
+@click.option("--source", type=click.Choice(["registry", "timm"]), default="registry",
+              help="registry: the built-in and plugin backbones; timm: timm's models (needs timm).")
+@click.option("--filter", "pattern", help="Only names matching this glob, e.g. '*efficientnet*'.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @friendly_errors
-def backbones(fmt: str) -> None:
-    """List the registered backbones: family, embedding dims, input size, known weights."""
-    from ..backbones import iter_cached_weights, list_backbones
+def backbones(source: str, pattern: str | None, fmt: str) -> None:
+    """List backbones: family, embedding dims, input size, known weights, and which of
+    those are on this machine already (offline)."""
+    import fnmatch
 
+    from ..backbones import available_weights, get_spec, list_backbones
+
+    if source == "timm":
+        from ..timm_backbones import list_timm
+
+        specs = [get_spec(n) for n in list_timm(pattern.removeprefix("timm/") if pattern else "*")]
+    else:
+        specs = [s for s in list_backbones() if not pattern or fnmatch.fnmatch(s.name, pattern)]
+    if not specs:
+        raise click.ClickException(f"no {source} backbone matches {pattern!r}")
     rows = [
         {
             "name": s.name,
             "family": s.family,
             "gap": s.dims[Layer.GAP],
-            "penultimate": s.dims[Layer.PENULTIMATE],
+            "penultimate": s.dims.get(Layer.PENULTIMATE, "-"),
             "input": s.input_size,
-            "weights": ",".join(w for w in s.weight_names() if w != "DEFAULT") or "-",
-            "cached": ",".join(w.name for w in iter_cached_weights(s)) or "-",
+            "weights": ",".join(w for w in s.weight_names() if w != "DEFAULT" or s.weights_enum is None) or "-",
+            "offline": ",".join(available_weights(s)) or "-",
         }
-        for s in list_backbones()
+        for s in specs
     ]
     if fmt == "json":
         echo_json(rows)
@@ -57,6 +71,9 @@ def backbones(fmt: str) -> None:
     help="DEFAULT, a torchvision weights name (IMAGENET1K_V2), 'none' (random init, seeded), "
     "or a checkpoint file.",
 )
+@click.option("--weights-key-map",
+              help="Rename checkpoint keys: a built-in map (lukemelas-efficientnet-lite0, "
+              "strip-module), 'old=new' prefixes, or package.module:function.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--layer", type=enum_choice(Layer), default=Layer.GAP.value)
 @click.option("--batch-size", type=click.IntRange(min=1), help="Default: 32 on CPU, 128 on GPU.")
