@@ -104,7 +104,9 @@ EXACT = {
 
 
 def test_every_family_has_an_exactness_case():
-    assert {get_spec(n).family for n in EXACT} == {s.family for s in list_backbones()}
+    """timm-built backbones are held to timm's own forward in test_timm_backbones.py."""
+    families = {s.family for s in list_backbones() if s.family != "timm"}
+    assert {get_spec(n).family for n in EXACT} == families
 
 
 @pytest.mark.parametrize("name", EXACT)
