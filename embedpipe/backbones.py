@@ -584,6 +584,36 @@ class Embedder(nn.Module):
         }
 
 
+def _materialise(
+    spec: BackboneSpec, weights: str, *, seed: int, key_map: str | None, cut: Surgery | None
+) -> tuple[nn.Module, WeightsInfo, WeightsEnum | Path | str | None]:
+    """Build ``spec`` with ``weights``, apply ``cut`` (``None``: keep the whole network),
+    and describe the weights. Checkpoints load strictly after the cut, so keys of a
+    removed head are the only ones ignored."""
+    resolved = resolve_weights(spec, weights)
+    if key_map is not None and not isinstance(resolved, Path):
+        raise WeightsError("--weights-key-map applies to checkpoint files only")
+    if isinstance(resolved, str):
+        model, info = spec.pretrained[resolved]()
+    else:
+        model = _build(spec, resolved, seed)
+    removed = _cut(model, cut, _AUX.get(spec.family, ())) if cut is not None else set()
+    if isinstance(resolved, Path):
+        state = load_state_dict(resolved)
+        if key_map is not None:
+            state = parse_key_map(key_map)(state)
+        load_into(model, state, removed, what=f"checkpoint {resolved}", spec=spec)
+        info = WeightsInfo(
+            WeightsKind.CHECKPOINT, str(resolved), pretrained=True, sha256=_sha256(resolved),
+            key_map=key_map,
+        )
+    elif isinstance(resolved, WeightsEnum):
+        info = WeightsInfo(WeightsKind.TORCHVISION, str(resolved), pretrained=True, url=resolved.url)
+    elif resolved is None:
+        info = WeightsInfo(WeightsKind.NONE, "none", pretrained=False, seed=seed)
+    return model, info, resolved
+
+
 def load_backbone(
     name: str,
     *,
@@ -604,30 +634,21 @@ def load_backbone(
     layer = Layer(layer)
     if layer not in spec.dims:
         raise ValueError(f"{name} has no layer {layer.value!r}; choose one of {list(spec.dims)}")
-    resolved = resolve_weights(spec, weights)
-    if key_map is not None and not isinstance(resolved, Path):
-        raise WeightsError("--weights-key-map applies to checkpoint files only")
-    if isinstance(resolved, str):
-        model, info = spec.pretrained[resolved]()
-    else:
-        model = _build(spec, resolved, seed)
-    removed = _cut(model, spec.cut[layer], _AUX.get(spec.family, ()))
-    if isinstance(resolved, Path):
-        state = load_state_dict(resolved)
-        if key_map is not None:
-            state = parse_key_map(key_map)(state)
-        load_into(model, state, removed, what=f"checkpoint {resolved}", spec=spec)
-        info = WeightsInfo(
-            WeightsKind.CHECKPOINT, str(resolved), pretrained=True, sha256=_sha256(resolved),
-            key_map=key_map,
-        )
-    elif isinstance(resolved, WeightsEnum):
-        info = WeightsInfo(WeightsKind.TORCHVISION, str(resolved), pretrained=True, url=resolved.url)
-    elif resolved is None:
-        info = WeightsInfo(WeightsKind.NONE, "none", pretrained=False, seed=seed)
+    model, info, resolved = _materialise(spec, weights, seed=seed, key_map=key_map, cut=spec.cut[layer])
     if preprocessing is None:
         preprocessing = spec.preprocessing(resolved if isinstance(resolved, WeightsEnum) else None)
     return Embedder(model, spec=spec, layer=layer, weights=info, preprocessing=preprocessing)
+
+
+def load_classifier(
+    name: str, *, weights: str = "DEFAULT", seed: int = 0, key_map: str | None = None
+) -> tuple[nn.Module, WeightsInfo, Preprocessing]:
+    """The whole network, classifier head included, in eval mode (for class-logit
+    saliency and top-k predictions). A checkpoint must then hold the head too."""
+    spec = get_spec(name)
+    model, info, resolved = _materialise(spec, weights, seed=seed, key_map=key_map, cut=None)
+    preprocessing = spec.preprocessing(resolved if isinstance(resolved, WeightsEnum) else None)
+    return model.eval(), info, preprocessing
 
 
 def available_weights(spec: BackboneSpec) -> list[str]:
