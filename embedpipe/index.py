@@ -1,8 +1,10 @@
 """FAISS indexes over embeddings: choose, train, add, tune, save, open and search.
 
-The compute here takes arrays and re-iterable sources of blocks, never paths; the two thin
-helpers at the end (:func:`embedding_blocks`, :func:`search_embeddings`) are the only
-places that open an embeddings dataset, through :mod:`embedpipe.store`.
+The compute here takes arrays and re-iterable sources of blocks, never paths; the thin
+helpers at the end (:func:`embedding_blocks`, :func:`search_embeddings`,
+:func:`eval_embeddings`, :func:`search_images`) are the only places that open an embeddings
+dataset, through :mod:`embedpipe.store`, or embed image files, through
+:func:`embedpipe.engine.embed_paths`.
 
 A build reads its source twice, so the full float matrix never has to sit in memory:
 
@@ -850,6 +852,9 @@ class IndexInfo:
     built_at: str
     faiss_version: str
     embeddings: dict[str, Any]  # the embeddings' metadata: backbone, weights, layer, ...
+    # where the embeddings were read from (absolute), so that eval can read them again;
+    # None for an index built from arrays, or by an embedpipe that did not record it
+    embeddings_path: str | None = None
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -906,6 +911,21 @@ class SearchResults:
         """The results as a DataFrame with :data:`RESULT_COLUMNS`, the same for table,
         JSON and Parquet output."""
         return pd.DataFrame({column: getattr(self, column) for column in RESULT_COLUMNS})
+
+    def to_arrow(self) -> pa.Table:
+        """The results as an Arrow table with :data:`RESULT_COLUMNS` and fixed types
+        (string, int32, string, string, float32), also when every label is missing."""
+        return pa.table(
+            {
+                "query_id": pa.array([str(q) for q in self.query_id], pa.string()),
+                "rank": pa.array(self.rank, pa.int32()),
+                "id": pa.array([str(i) for i in self.id], pa.string()),
+                "label": pa.array(
+                    [None if label is None else str(label) for label in self.label], pa.string()
+                ),
+                "score": pa.array(self.score, pa.float32()),
+            }
+        )
 
 
 def _jsonable(value: Any) -> Any:
@@ -966,6 +986,7 @@ class Index:
         tune_k: int = 10,
         seed: int = 0,
         meta: Mapping[str, Any] | None = None,
+        embeddings_path: str | os.PathLike[str] | None = None,
     ) -> Index:
         """Build an index over ``data`` (see :func:`as_block_source` for what it may be).
 
@@ -978,6 +999,8 @@ class Index:
             on up to ``TUNE_QUERIES`` held-out sample rows against exact search.
         seed: drives the row sample and the k-means initialisation.
         meta: the embeddings' metadata; defaults to the ``meta`` of the first block.
+        embeddings_path: the dataset ``data`` was read from, recorded (absolute) so that
+            :func:`eval_embeddings` can stream it again later.
         """
         metric = _parse_metric(metric)
         budget = None if memory_budget is None else parse_memory_budget(memory_budget)
@@ -1045,6 +1068,7 @@ class Index:
             "built %s in %s", plan.factory, ", ".join(f"{k} {t:.1f} s" for k, t in seconds.items())
         )
 
+        source_path = None if embeddings_path is None else str(Path(embeddings_path).resolve())
         info = IndexInfo(
             metric=metric,
             normalized=metric is Metric.COSINE,
@@ -1061,6 +1085,7 @@ class Index:
             built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             faiss_version=faiss.__version__,
             embeddings=embeddings,
+            embeddings_path=source_path,
         )
         if budget is not None and info.index_bytes > budget:
             log.warning(
@@ -1081,14 +1106,7 @@ class Index:
         replaced only with ``overwrite`` and only if it is an index directory (or empty).
         """
         path = Path(path)
-        if path.exists():
-            if not overwrite:
-                raise IndexFileError(f"{path} already exists; pass overwrite=True to replace it")
-            if not (path / META_FILE).is_file() and (not path.is_dir() or any(path.iterdir())):
-                raise IndexFileError(
-                    f"refusing to replace {path}: it is not an embedpipe index (no {META_FILE}); "
-                    "choose another output path"
-                )
+        check_destination(path, overwrite=overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         tmp.mkdir()
@@ -1116,23 +1134,15 @@ class Index:
     def open(cls, path: str | os.PathLike[str]) -> Index:
         """Load an index directory written by :meth:`save`."""
         path = Path(path)
-        meta_path = path / META_FILE
-        if not meta_path.is_file():
-            raise IndexFileError(
-                f"{path} is not an embedpipe index: {META_FILE} is missing; "
-                f"build one with `embedpipe index build EMBEDDINGS --out {path}`"
-            )
         missing = [name for name in (INDEX_FILE, IDS_FILE) if not (path / name).is_file()]
-        if missing:
+        if missing and (path / META_FILE).is_file():  # else read_info says it is no index
             raise IndexFileError(
                 f"index {path} is incomplete: {', '.join(missing)} missing; rebuild it"
             )
+        info = read_info(path)
         try:
-            info = IndexInfo.from_dict(json.loads(meta_path.read_text()))
             faiss_index = faiss.read_index(str(path / INDEX_FILE))
             table = pq.read_table(path / IDS_FILE, columns=["id", "label"])
-        except IndexFileError:
-            raise
         except (ValueError, KeyError, TypeError, RuntimeError, pa.ArrowException) as exc:
             raise IndexFileError(f"index {path} cannot be read ({exc}); rebuild it") from None
         ids = table.column("id").to_numpy(zero_copy_only=False).astype(object)
@@ -1327,7 +1337,46 @@ class Index:
         )
 
 
-# --- embeddings datasets on disk ---------------------------------------------------
+# --- index directories -------------------------------------------------------------
+
+
+def read_info(path: str | os.PathLike[str]) -> IndexInfo:
+    """The metadata (``index.json``) of the index directory ``path``, without loading the
+    FAISS index or the ids."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise IndexFileError(
+            f"{path} is not an embedpipe index: {META_FILE} is missing; "
+            f"build one with `embedpipe index build EMBEDDINGS --out {path}`"
+        )
+    try:
+        return IndexInfo.from_dict(json.loads(meta_path.read_text()))
+    except IndexFileError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IndexFileError(f"index {path} cannot be read ({exc}); rebuild it") from None
+
+
+def check_destination(path: str | os.PathLike[str], *, overwrite: bool) -> None:
+    """Raise :class:`IndexFileError` unless :meth:`Index.save` may write ``path``: it does
+    not exist, or ``overwrite`` is set and it is an index directory (or empty). Call it
+    before a long build to fail early."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise IndexFileError(
+            f"{path} already exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    if not (path / META_FILE).is_file() and (not path.is_dir() or any(path.iterdir())):
+        raise IndexFileError(
+            f"refusing to replace {path}: it is not an embedpipe index (no {META_FILE}); "
+            "choose another output path"
+        )
+
+
+# --- embeddings datasets and images on disk ------------------------------------------
 
 
 def embedding_blocks(path: str | os.PathLike[str]) -> BlockSource:
@@ -1362,3 +1411,85 @@ def search_embeddings(
         nprobe=nprobe,
         ef_search=ef_search,
     )
+
+
+def eval_embeddings(
+    index: Index,
+    path: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> EvalReport:
+    """:meth:`Index.eval` against the embeddings dataset at ``path``, by default the one
+    the index was built from (``info.embeddings_path``). ``options`` go to :meth:`Index.eval`."""
+    if path is None:
+        path = index.info.embeddings_path
+        if path is None:
+            raise IndexInputError(
+                "the index does not record which embeddings it was built from; give their "
+                "path (--embeddings)"
+            )
+        if not Path(path).exists():
+            raise IndexInputError(
+                f"the embeddings the index was built from, {path}, are gone; give their "
+                "current path (--embeddings)"
+            )
+    return index.eval(embedding_blocks(path), **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryFailure:
+    """A query image that could not be embedded: ``error_type`` as in an extraction's
+    errors table (``not_found``, ``truncated``, ...)."""
+
+    query: str
+    error_type: str
+    message: str
+
+
+def search_images(
+    index: Index,
+    paths: Sequence[str | os.PathLike[str]],
+    k: int = 10,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> tuple[SearchResults, list[QueryFailure]]:
+    """Search with image files as queries, embedded exactly as the index's embeddings were
+    (backbone, weights, layer, preprocessing, precision: :func:`embedpipe.engine.embed_paths`
+    with :attr:`Index.meta`, the code path of extraction).
+
+    Images that cannot be embedded are skipped and returned as failures; ``query_id`` is
+    each path as given. Raises :class:`IndexInputError` when none could be embedded.
+    """
+    missing = [
+        key for key in ("backbone", "weights", "layer", "preprocessing") if key not in index.meta
+    ]
+    if missing:
+        raise IndexInputError(
+            f"this index records no {', '.join(missing)} of its embeddings (it was built from "
+            "bare vectors), so images cannot be embedded like them; search it by vectors"
+        )
+    if not paths:
+        raise IndexInputError("no query images given")
+    from .engine import embed_paths  # torch: loaded only when images are searched
+
+    queries = [str(p) for p in paths]
+    vectors, outcomes = embed_paths(queries, index.meta)
+    failures = [
+        QueryFailure(query, str(outcome.error_type), outcome.message)
+        for query, outcome in zip(queries, outcomes)
+        if outcome is not None
+    ]
+    embedded = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    if not embedded:
+        reasons = "; ".join(f"{f.query}: {f.error_type} ({f.message})" for f in failures[:5])
+        raise IndexInputError(
+            f"none of the {len(queries)} query images could be embedded: {reasons}"
+        )
+    results = index.search(
+        vectors[embedded],
+        k,
+        query_ids=np.asarray([queries[i] for i in embedded], dtype=object),
+        nprobe=nprobe,
+        ef_search=ef_search,
+    )
+    return results, failures

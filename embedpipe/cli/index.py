@@ -1,0 +1,386 @@
+"""``embedpipe index build|info|eval`` and ``embedpipe search``.
+
+:mod:`embedpipe.index` (FAISS, pandas) and, for image queries, torch are imported inside
+the commands, so that ``embedpipe --help`` and the other commands stay quick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from ..config import Choice
+from . import main
+from ._common import echo_json, enum_choice, friendly_errors
+
+# The values of embedpipe.index.Metric, spelt out so that building the command line does
+# not import FAISS; tests/test_cli_index.py checks that the two agree.
+METRICS = ("cosine", "l2", "ip")
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfsq", "ivfpq")
+
+
+class ResultFormat(Choice):
+    """How ``embedpipe search`` writes its rows (the same columns in each)."""
+
+    TABLE = "table"  # aligned text
+    JSON = "json"  # a list of records
+    PARQUET = "parquet"  # needs --out
+
+
+_SUFFIX_FORMATS = {
+    ".parquet": ResultFormat.PARQUET,
+    ".pq": ResultFormat.PARQUET,
+    ".json": ResultFormat.JSON,
+}
+
+
+@main.group()
+def index() -> None:
+    """Build, describe and evaluate nearest-neighbour indexes (FAISS)."""
+
+
+@index.command("build")
+@click.argument("embeddings", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Index directory to write."
+)
+@click.option(
+    "--metric",
+    type=click.Choice(METRICS, case_sensitive=False),
+    default=METRICS[0],
+    help="cosine: similarity of L2-normalised vectors (normalised for you); "
+    "l2: Euclidean distance; ip: inner product of the raw vectors.",
+)
+@click.option(
+    "--index",
+    "index_spec",
+    default="auto",
+    metavar="KIND|FACTORY",
+    help=f"One of {', '.join(INDEX_KINDS)} (auto picks by size and budget), or a "
+    "FAISS factory string such as 'IVF256,PQ16'.",
+)
+@click.option(
+    "--memory-budget",
+    metavar="SIZE",
+    help="Most memory the index may take, e.g. 4GB, 512MiB, 1.5G. Default: no bound.",
+)
+@click.option(
+    "--target-recall",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.95,
+    help="recall@10 that the stored nprobe / efSearch reaches on held-out queries.",
+)
+@click.option("--seed", type=int, default=0, help="Seed of the training sample and k-means.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing index at --out.")
+@friendly_errors
+def build(embeddings: Path, out: Path, index_spec: str, overwrite: bool, **options) -> None:
+    """Build an index over the embeddings dataset EMBEDDINGS and write it to --out."""
+    from ..index import Index, check_destination, embedding_blocks
+
+    check_destination(out, overwrite=overwrite)  # before the build, not after it
+    built = Index.build(
+        embedding_blocks(embeddings), index=index_spec, embeddings_path=embeddings, **options
+    )
+    built.save(out, overwrite=overwrite)
+    info = built.info
+    click.echo(f"built {info.factory} over {info.count:,} x {info.dim} ({info.metric}) -> {out}")
+    for key, value in _build_lines(info).items():
+        click.echo(f"{key:>8}: {value}")
+
+
+@index.command("info")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (index.json).")
+@friendly_errors
+def info(index_dir: Path, as_json: bool) -> None:
+    """Describe an index: type and why, metric, size, tuning, and the embeddings it holds."""
+    from ..index import read_info
+
+    meta = read_info(index_dir)  # index.json only: the FAISS file may be large
+    if as_json:
+        echo_json({"path": str(index_dir), **meta.to_dict()})
+        return
+    lines = {
+        "path": str(index_dir),
+        "index": meta.factory + (f" ({meta.kind})" if meta.kind else ""),
+    }
+    lines.update(_build_lines(meta))
+    lines["metric"] = str(meta.metric) + (
+        " (vectors and queries L2-normalised)" if meta.normalized else ""
+    )
+    lines["vectors"] = f"{meta.count:,} x {meta.dim}"
+    lines["training"] = f"{meta.train_rows:,} sampled vectors" if meta.train_rows else "none"
+    lines["built"] = f"{meta.built_at}, faiss {meta.faiss_version}"
+    lines.update(_embeddings_lines(meta.embeddings, meta.embeddings_path))
+    for key, value in lines.items():
+        click.echo(f"{key:>13}: {value}")
+
+
+@index.command("eval")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--queries",
+    "n_queries",
+    type=click.IntRange(min=1),
+    default=1000,
+    help="Rows of the index drawn as queries (each excluded from its own results).",
+)
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, help="Neighbours per query.")
+@click.option(
+    "--embeddings",
+    type=click.Path(exists=True, path_type=Path),
+    help="The embeddings the index was built from. Default: the path it recorded.",
+)
+@click.option(
+    "--nprobe",
+    type=click.IntRange(min=1),
+    help="Evaluate this nprobe (IVF) instead of the tuned one.",
+)
+@click.option(
+    "--ef-search",
+    type=click.IntRange(min=1),
+    help="Evaluate this efSearch (HNSW) instead of the tuned one.",
+)
+@click.option("--seed", type=int, default=0, help="Seed of the query draw.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly_errors
+def evaluate(index_dir: Path, embeddings: Path | None, as_json: bool, **options) -> None:
+    """Recall@k against exact search, batch queries per second, and memory of an index."""
+    from ..index import Index, eval_embeddings, format_bytes
+
+    report = eval_embeddings(Index.open(index_dir), embeddings, **options)
+    if as_json:
+        echo_json({"path": str(index_dir), **dataclasses.asdict(report)})
+        return
+    setting = f"{report.knob}={report.value}" if report.knob else "exact search"
+    click.echo(
+        f"recall@{report.k}: {report.recall:.4f} over {report.n_queries:,} queries ({setting})"
+    )
+    click.echo(f"     QPS: {report.qps:,.0f} (one batch of {report.n_queries:,} queries)")
+    click.echo(f"  memory: {format_bytes(report.index_bytes)}")
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("more", nargs=-1, metavar="[FILE|ID]...")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    metavar="FILE",
+    help="Query image(s), embedded as the index's embeddings were; more files may "
+    "follow: --image a.jpg b.jpg.",
+)
+@click.option(
+    "--id",
+    "ids",
+    multiple=True,
+    metavar="ID",
+    help="Query by an id the index holds (as in the embeddings' id column); repeatable, "
+    "or more ids may follow.",
+)
+@click.option(
+    "--embeddings",
+    type=click.Path(exists=True, path_type=Path),
+    help="Batch search: every row of this embeddings dataset is a query.",
+)
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, help="Neighbours per query.")
+@click.option(
+    "--exclude-self",
+    is_flag=True,
+    help="Drop the result whose id is the query's own (--id, --embeddings).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=enum_choice(ResultFormat),
+    help="table, json or parquet (needs --out). Default: from --out's suffix "
+    "(.parquet, .json), else table.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the results to this file instead of standard output.",
+)
+@click.option(
+    "--nprobe", type=click.IntRange(min=1), help="Override the tuned nprobe (IVF) for this search."
+)
+@click.option(
+    "--ef-search",
+    type=click.IntRange(min=1),
+    help="Override the tuned efSearch (HNSW) for this search.",
+)
+@friendly_errors
+def search(
+    index_dir: Path,
+    more: tuple[str, ...],
+    images: tuple[str, ...],
+    ids: tuple[str, ...],
+    embeddings: Path | None,
+    k: int,
+    exclude_self: bool,
+    fmt: str | None,
+    out: Path | None,
+    **knobs,
+) -> None:
+    """The k nearest neighbours in the index at INDEX_DIR of query images (--image), of
+    rows it holds (--id), or of a whole embeddings dataset (--embeddings).
+
+    One row per (query, rank): query_id, rank (from 1), id, label, score (similarity for
+    cosine and ip, distance for l2). Images that cannot be read are reported on standard
+    error and skipped.
+    """
+    given = [
+        name
+        for name, value in (("--image", images), ("--id", ids), ("--embeddings", embeddings))
+        if value
+    ]
+    if len(given) != 1:
+        found = f"got {' and '.join(given)}" if given else "got none"
+        raise click.UsageError(f"give exactly one of --image, --id or --embeddings ({found})")
+    if more and not (images or ids):
+        raise click.UsageError(
+            f"unexpected arguments {' '.join(more)}: only --image and --id take several values"
+        )
+    if exclude_self and images:
+        raise click.UsageError(
+            "--exclude-self needs --id or --embeddings: an image query has no id in the index"
+        )
+    fmt = (
+        ResultFormat(fmt)
+        if fmt
+        else _SUFFIX_FORMATS.get(out.suffix.lower() if out else "", ResultFormat.TABLE)
+    )
+    if fmt is ResultFormat.PARQUET and out is None:
+        raise click.UsageError("--format parquet needs --out FILE")
+
+    from ..index import Index, search_embeddings, search_images
+
+    opened = Index.open(index_dir)
+    if images:
+        results, failures = search_images(opened, [*images, *more], k, **knobs)
+        for failure in failures:
+            click.echo(
+                f"skipped {failure.query}: {failure.error_type}: {failure.message}", err=True
+            )
+    elif ids:
+        results = opened.search_ids([*ids, *more], k, exclude_self=exclude_self, **knobs)
+    else:
+        results = search_embeddings(opened, embeddings, k, exclude_self=exclude_self, **knobs)
+    _write_results(results.to_arrow(), fmt, out)
+
+
+# --- output ----------------------------------------------------------------------
+
+
+def _build_lines(info) -> dict[str, str]:
+    """Why this index, how it was tuned, its size and build time (an ``IndexInfo``)."""
+    from ..index import format_bytes
+
+    t = info.tuning
+    if t is None:
+        tuned = (
+            "exact search, nothing to tune"
+            if info.kind == "flat"
+            else "no search-time parameter to tune"
+        )
+    else:
+        met = "" if t.target_met else f", BELOW the target {t.target_recall}"
+        tuned = (
+            f"{t.knob}={t.value}: recall@{t.k} {t.recall:.3f} (>= {t.recall_low:.3f} with 95% "
+            f"confidence) on {t.n_queries:,} held-out queries, target {t.target_recall}{met}"
+        )
+    budget = (
+        "no budget" if info.memory_budget is None else f"budget {format_bytes(info.memory_budget)}"
+    )
+    return {
+        "why": info.reason,
+        "search": tuned,
+        "memory": f"{format_bytes(info.index_bytes)} ({budget})",
+        "time": f"{info.build_seconds:.2f} s",
+    }
+
+
+def _embeddings_lines(meta: dict, path: str | None) -> dict[str, str]:
+    lines = {"embeddings": path or "not recorded"}
+    if "backbone" in meta:
+        lines["backbone"] = (
+            f"{meta['backbone']} ({meta.get('family', '?')}), layer {meta.get('layer', '?')}"
+        )
+    weights = meta.get("weights")
+    if isinstance(weights, dict):
+        seed = (
+            f" (random init, seed {weights.get('seed')})"
+            if not weights.get("pretrained", True)
+            else ""
+        )
+        lines["weights"] = f"{weights.get('name')}{seed}"
+    p = meta.get("preprocessing")
+    if isinstance(p, dict):
+        lines["preprocessing"] = (
+            f"resize {p.get('resize_size')}, crop {p.get('crop_size')}, {p.get('interpolation')}, "
+            f"mean {p.get('mean')}, std {p.get('std')}"
+        )
+    if "precision" in meta:
+        lines["precision"] = f"{meta['precision']}" + (
+            ", L2-normalised" if meta.get("normalize") else ""
+        )
+    return lines
+
+
+def _write_results(table, fmt: ResultFormat, out: Path | None) -> None:
+    """Rows of ``table`` (a pyarrow Table of the result columns) as ``fmt``, to ``out`` or
+    standard output; one source of values, so the three formats agree."""
+    if fmt is ResultFormat.PARQUET:
+        import pyarrow.parquet as pq
+
+        _replace(out, lambda tmp: pq.write_table(table, tmp))
+    else:
+        rows = table.to_pylist()
+        text = (
+            json.dumps(rows, indent=2) + "\n"
+            if fmt is ResultFormat.JSON
+            else _table_text(table.column_names, rows)
+        )
+        if out is None:
+            click.echo(text, nl=False)
+            return
+        _replace(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    queries = len(set(table.column("query_id").to_pylist()))
+    click.echo(f"{table.num_rows:,} neighbours of {queries:,} queries -> {out}", err=True)
+
+
+def _table_text(columns: list[str], rows: list[dict]) -> str:
+    def cell(column: str, value) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.6f}" if column == "score" else str(value)
+
+    cells = [[cell(c, row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    right = {"rank", "score"}
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if c in right else v.ljust(w) for c, v, w in zip(columns, values, widths)
+        ).rstrip()
+
+    return "\n".join([line(columns), *(line(r) for r in cells)]) + "\n"
+
+
+def _replace(path: Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` through a hidden temporary sibling and a rename: a reader never sees
+    half a file, and a failed write leaves the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
