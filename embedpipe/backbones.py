@@ -387,6 +387,8 @@ class WeightsInfo:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["kind"] = self.kind.value
+        if d["key_map"] is None:  # written only when used, so older metadata still matches
+            del d["key_map"]
         return d
 
     @classmethod

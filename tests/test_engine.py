@@ -49,7 +49,7 @@ def test_folder_to_parquet_matches_torchvision(image_folder, tmp_path):
     meta = e.meta
     assert meta["backbone"] == "resnet18" and meta["layer"] == "gap" and meta["dim"] == 512
     assert meta["weights"] == {"kind": "none", "name": "none", "pretrained": False, "sha256": None,
-                               "url": None, "seed": 0, "key_map": None}
+                               "url": None, "seed": 0}
     assert meta["preprocessing"]["resize_size"] == 256 and meta["precision"] == "fp32"
     assert {"torch", "torchvision", "pillow", "embedpipe"} <= set(meta["versions"])
 
