@@ -254,13 +254,15 @@ _ENTRY_POINTS_LOADED = False
 
 def _load_entry_points() -> None:
     """Register backbones that installed packages declare in the entry-point group
-    ``embedpipe.backbones`` (name -> a callable returning a CustomBackbone)."""
+    ``embedpipe.backbones``: name -> a callable returning a CustomBackbone, or a
+    BackboneSpec (embedpipe's own efficientnet_lite0 arrives this way)."""
     global _ENTRY_POINTS_LOADED
     if _ENTRY_POINTS_LOADED:
         return
     _ENTRY_POINTS_LOADED = True
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        register(_custom_spec(ep.name, ep.load()))
+        obj = ep.load()
+        register(obj if isinstance(obj, BackboneSpec) else _custom_spec(ep.name, obj))
 
 
 def _register_torchvision(family: str, dims: dict[str, tuple[int, int]]) -> None:
@@ -661,12 +663,3 @@ def available_weights(spec: BackboneSpec) -> list[str]:
 
 
 
-
-def _register_offline_pretrained() -> None:
-    # at the end: timm_backbones builds its spec from the names defined above
-    from .timm_backbones import EFFICIENTNET_LITE0
-
-    register(EFFICIENTNET_LITE0)
-
-
-_register_offline_pretrained()
