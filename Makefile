@@ -9,7 +9,8 @@ install:
 	$(PIP) install -q -e ".[test]"
 
 demo: install
-	$(PYTHON) -m embedpipe.demo --out demo-output
+	$(PYTHON) -m embedpipe run pipelines/demo.toml
+	@echo "report: demo-output/transfer/report.html  galleries: demo-output/gallery/"
 
 test: install
 	$(PYTHON) -m pytest -q

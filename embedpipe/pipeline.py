@@ -1,0 +1,380 @@
+"""Declarative pipelines: one TOML file says which images, which steps; one command runs
+them, skips what is up to date and leaves a report.
+
+A pipeline file (read with the standard library's ``tomllib``; nothing in it is
+executed) has an output root, named datasets and named steps::
+
+    [pipeline]
+    out = "runs/transfer"                  # relative to the file
+
+    [datasets.photos]
+    images = "data/photos"                 # a folder or a CSV/Parquet manifest
+    [datasets.digits]
+    builtin = "mnist"                      # real images that ship with a package
+    digits = [5, 6, 7, 8, 9]
+    per_class = 100
+
+    [[steps]]
+    kind = "extract"                       # extract | finetune | index | probe | gallery
+    name = "r18"
+    dataset = "photos"
+    backbone = "resnet18"
+    weights = "DEFAULT"                    # or "none", a file, "step:<finetune step>", or
+                                           # "available" (cached pretrained, else none)
+
+A step's options are those of the matching command. Inputs name other steps
+(``weights = "step:NAME"``, ``input``, ``inputs``, ``index``), which orders the run.
+
+Each step records in its output folder (``_step.json``) the configuration and input
+fingerprints it was made from. A step whose record matches is skipped; a changed one
+re-runs, and so does everything downstream, whose input fingerprints then change. A
+failing step stops the pipeline with its error; finished steps stay as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import EmbedpipeError
+from .store import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STEP_RECORD = "_step.json"
+
+
+class PipelineError(EmbedpipeError, ValueError):
+    """A pipeline file that is not valid, or a step that failed."""
+
+
+# --- the file ------------------------------------------------------------------------
+
+BUILTIN_DATASETS = ("mnist", "photos")
+_DATASET_KEYS = {"images", "builtin", "digits", "per_class"}
+
+#: step kind -> (allowed option keys, keys that name other steps)
+_STEP_KEYS: dict[str, tuple[set[str], set[str]]] = {
+    "extract": ({"dataset", "backbone", "weights", "layer", "batch_size", "precision", "decode",
+                 "embedding_dtype", "normalize", "seed", "resize_size", "crop_size", "workers",
+                 "weights_key_map", "max_errors"}, set()),
+    "finetune": ({"dataset", "backbone", "weights", "mode", "epochs", "lr", "backbone_lr_mult",
+                  "unfreeze", "augment", "batch_size", "seed", "optimizer", "schedule",
+                  "warmup_epochs", "weight_decay", "label_smoothing", "test_size", "val_size",
+                  "early_stopping", "resize_size", "crop_size"}, set()),
+    "index": ({"input", "metric", "index", "memory_budget", "target_recall", "seed"}, {"input"}),
+    "probe": ({"inputs", "test_size", "seed", "standardize", "l2_normalize"}, {"inputs"}),
+    "gallery": ({"index", "queries", "k"}, {"index"}),
+}
+_COMMON = {"kind", "name"}
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str
+    name: str
+    options: dict[str, Any]
+    needs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    path: Path
+    out: Path
+    datasets: dict[str, dict[str, Any]]
+    steps: tuple[Step, ...]
+
+    def step_dir(self, name: str) -> Path:
+        return self.out / name
+
+
+def _where(path: Path, key: str) -> str:
+    return f"{path}: {key}"
+
+
+def load_pipeline(path: str | os.PathLike) -> Pipeline:
+    """Read and validate a pipeline file; errors name the key and the allowed values."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise PipelineError(f"cannot read pipeline {path}: {e}") from e
+    base = path.parent
+    unknown = set(doc) - {"pipeline", "datasets", "steps"}
+    if unknown:
+        raise PipelineError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: pipeline, datasets, steps")
+    out = doc.get("pipeline", {}).get("out")
+    if not isinstance(out, str):
+        raise PipelineError(f"{_where(path, 'pipeline.out')} must be a path (the output root)")
+    datasets = {}
+    for name, d in doc.get("datasets", {}).items():
+        extra = set(d) - _DATASET_KEYS
+        if extra:
+            raise PipelineError(f"{_where(path, f'datasets.{name}')}: unknown keys {sorted(extra)}; allowed: {sorted(_DATASET_KEYS)}")
+        if ("images" in d) == ("builtin" in d):
+            raise PipelineError(f"{_where(path, f'datasets.{name}')} needs exactly one of 'images' or 'builtin'")
+        if "builtin" in d and d["builtin"] not in BUILTIN_DATASETS:
+            raise PipelineError(f"{_where(path, f'datasets.{name}.builtin')} = {d['builtin']!r}; allowed: {list(BUILTIN_DATASETS)}")
+        datasets[name] = {**d, **({"images": str((base / d["images"]).resolve())} if "images" in d else {})}
+    steps: list[Step] = []
+    for i, s in enumerate(doc.get("steps", [])):
+        where = _where(path, f"steps[{i}]")
+        kind, name = s.get("kind"), s.get("name")
+        if kind not in _STEP_KEYS:
+            raise PipelineError(f"{where}.kind = {kind!r}; allowed: {sorted(_STEP_KEYS)}")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise PipelineError(f"{where}.name must be a non-empty name without '/'")
+        allowed, refs = _STEP_KEYS[kind]
+        extra = set(s) - allowed - _COMMON
+        if extra:
+            raise PipelineError(f"{where} ({name}): unknown keys {sorted(extra)}; allowed for {kind}: {sorted(allowed)}")
+        options = {k: v for k, v in s.items() if k not in _COMMON}
+        if "dataset" in allowed:
+            if options.get("dataset") not in datasets:
+                raise PipelineError(f"{where}.dataset = {options.get('dataset')!r}; defined datasets: {sorted(datasets)}")
+            if "backbone" not in options:
+                raise PipelineError(f"{where} ({name}) needs a backbone")
+        needs = []
+        for key in refs:
+            value = options.get(key)
+            names = value if isinstance(value, list) else [value]
+            if value is None or not all(isinstance(v, str) for v in names):
+                raise PipelineError(f"{where}.{key} must name {'steps' if key == 'inputs' else 'a step'}")
+            needs += names
+        weights = str(options.get("weights", ""))
+        if weights.startswith("step:"):
+            needs.append(weights.removeprefix("step:"))
+        elif weights and kind in ("extract", "finetune") and weights.lower() not in ("none", "default") \
+                and ("/" in weights or weights.endswith((".pt", ".pth", ".safetensors"))):
+            options["weights"] = str((base / weights).resolve())
+        steps.append(Step(kind, name, options, tuple(needs)))
+    names = [s.name for s in steps]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise PipelineError(f"{path}: step names must be unique; repeated: {sorted(dup)}")
+    for s in steps:
+        missing = [n for n in s.needs if n not in names]
+        if missing:
+            raise PipelineError(f"{path}: step {s.name!r} needs unknown steps {missing}; steps: {names}")
+    return Pipeline(path, (base / out).resolve(), datasets, tuple(_ordered(steps)))
+
+
+def _ordered(steps: list[Step]) -> list[Step]:
+    """Steps in dependency order (file order where free); a cycle is an error."""
+    done: list[Step] = []
+    pending = list(steps)
+    while pending:
+        ready = [s for s in pending if all(n in {d.name for d in done} for n in s.needs)]
+        if not ready:
+            raise PipelineError(f"steps depend on each other in a cycle: {[s.name for s in pending]}")
+        done.append(ready[0])
+        pending.remove(ready[0])
+    return done
+
+
+# --- fingerprints and records ---------------------------------------------------------
+
+
+def fingerprint(path: Path) -> str:
+    """A hash of a file's or folder's contents as seen by (name, size, mtime)."""
+    h = hashlib.sha256()
+    paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in paths:
+        if p.name in (STEP_RECORD, "_lock") or p.name.startswith("."):
+            continue
+        st = p.stat()
+        h.update(f"{p.relative_to(path) if p != path else p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _key(config: dict, inputs: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps({"config": config, "inputs": inputs}, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class StepStatus:
+    step: Step
+    state: str  # "up to date" | "new" | "config changed" | "inputs changed" | "done" | "failed"
+    detail: str = ""
+
+
+@dataclass
+class PipelineRun:
+    statuses: list[StepStatus] = field(default_factory=list)
+
+
+# --- running -------------------------------------------------------------------------
+
+
+class _Runner:
+    def __init__(self, pipeline: Pipeline, progress: bool) -> None:
+        self.p = pipeline
+        self.progress = progress
+
+    def dataset_path(self, name: str) -> Path:
+        from .datasets import mnist_folder, photo_folder
+
+        d = self.p.datasets[name]
+        if "images" in d:
+            return Path(d["images"])
+        root = self.p.out / "_datasets" / name
+        if d["builtin"] == "mnist":
+            return mnist_folder(root, per_class=d.get("per_class"), digits=d.get("digits", range(10)))
+        return photo_folder(root)
+
+    def inputs(self, step: Step) -> dict[str, str]:
+        """Fingerprints of everything the step reads."""
+        fp = {n: fingerprint(self.p.step_dir(n)) for n in step.needs}
+        if "dataset" in step.options:
+            fp["dataset"] = fingerprint(self.dataset_path(step.options["dataset"]))
+        return fp
+
+    def weights(self, step: Step) -> str:
+        """``step:NAME`` -> that fine-tuning step's checkpoint; ``available`` -> the first
+        pretrained weights already on this machine, else ``none`` (recorded as such)."""
+        from .backbones import available_weights, get_spec
+
+        w = str(step.options.get("weights", "DEFAULT"))
+        if w.startswith("step:"):
+            return str(self.p.step_dir(w.removeprefix("step:")) / "checkpoint.pt")
+        if w == "available":
+            return next(iter(available_weights(get_spec(step.options["backbone"]))), "none")
+        return w
+
+    # one method per step kind: options in, files out under the step's folder
+
+    def extract(self, step: Step, out: Path) -> str:
+        from .config import ExtractConfig
+        from .engine import extract
+
+        o = {k: v for k, v in step.options.items() if k != "dataset"}
+        o["weights"] = self.weights(step)
+        # same metadata: resumes and updates; changed settings: replaces (the step's record
+        # already says the old output is stale)
+        s = extract(ExtractConfig(source=self.dataset_path(step.options["dataset"]), out=out, overwrite=True, **o),
+                    progress=self.progress)
+        return s.line()
+
+    def finetune(self, step: Step, out: Path) -> str:
+        from .finetune import FinetuneConfig, finetune
+
+        o = {k: v for k, v in step.options.items() if k != "dataset"}
+        o["weights"] = self.weights(step)
+        if "unfreeze" in o:
+            o["unfreeze"] = tuple(o["unfreeze"])
+        r = finetune(FinetuneConfig(source=self.dataset_path(step.options["dataset"]), out=out, **o),
+                     progress=self.progress)
+        return f"best epoch {r.best_epoch}, validation {r.best_val_accuracy:.3f}, test {r.test_accuracy:.3f}"
+
+    def index(self, step: Step, out: Path) -> str:
+        from .index import Index, embedding_blocks
+        from .store import read_meta
+
+        src = self.p.step_dir(step.options["input"])
+        o = {k: v for k, v in step.options.items() if k != "input"}
+        idx = Index.build(embedding_blocks(src), meta=read_meta(src), embeddings_path=src, **o)
+        idx.save(out, overwrite=True)
+        return f"{idx.info.factory} over {len(idx)} vectors"
+
+    def probe(self, step: Step, out: Path) -> str:
+        from .probe import ProbeConfig, ProbeInput, run_probe
+        from .report import write_report
+        from .store import read_embeddings
+
+        inputs = [ProbeInput.from_embeddings(read_embeddings(self.p.step_dir(n)), name=n)
+                  for n in step.options["inputs"]]
+        o = {k: v for k, v in step.options.items() if k != "inputs"}
+        files = write_report(run_probe(inputs, ProbeConfig(**o)), out)
+        return f"report: {files.html}"
+
+    def gallery(self, step: Step, out: Path) -> str:
+        from .explain import render_gallery
+        from .index import Index
+
+        idx = Index.open(self.p.step_dir(step.options["index"]))
+        images = Path(self.dataset_root_of(step.options["index"]))
+        out.mkdir(parents=True, exist_ok=True)
+        k = int(step.options.get("k", 8))
+        written = []
+        for query in step.options.get("queries", []):
+            results = idx.search_ids([query], k=k, exclude_self=True).to_frame()
+            neighbours = [(images / r.id, r.id, float(r.score)) for r in results.itertuples()]
+            png = render_gallery(images / query, neighbours, title=f"{query}: {k} nearest neighbours")
+            target = out / f"{query.replace('/', '_')}.png"
+            target.write_bytes(png)
+            written.append(target.name)
+        return f"{len(written)} galleries"
+
+    def dataset_root_of(self, index_step: str) -> str:
+        """The image folder behind an index: its input extract step's dataset."""
+        by_name = {s.name: s for s in self.p.steps}
+        extract_step = by_name[by_name[index_step].options["input"]]
+        return str(self.dataset_path(extract_step.options["dataset"]))
+
+
+def run_pipeline(
+    path: str | os.PathLike, *, dry_run: bool = False, progress: bool = False,
+    on_status: Callable[[StepStatus], None] | None = None,
+) -> PipelineRun:
+    """Run the pipeline at ``path``: each step that is not up to date, in order.
+
+    ``dry_run`` only reports what would run. ``on_status`` hears about each step as it
+    is decided and finished (the CLI prints these).
+    """
+    pipeline = load_pipeline(path)
+    runner = _Runner(pipeline, progress)
+    run = PipelineRun()
+    changed: set[str] = set()
+    for step in pipeline.steps:
+        out = pipeline.step_dir(step.name)
+        config = {"kind": step.kind, "options": step.options}
+        if dry_run and any(n in changed for n in step.needs):
+            status = StepStatus(step, "inputs changed", "an upstream step would run")
+        else:
+            inputs = runner.inputs(step)
+            record = out / STEP_RECORD
+            old = json.loads(record.read_text()) if record.exists() else None
+            key = _key(config, inputs)
+            if old is None:
+                state = "new"
+            elif old.get("key") == key:
+                state = "up to date"
+            elif old.get("config") != config:
+                state = "config changed"
+            else:
+                state = "inputs changed"
+            status = StepStatus(step, state)
+        if status.state != "up to date":
+            changed.add(step.name)
+        if dry_run or status.state == "up to date":
+            run.statuses.append(status)
+            if on_status:
+                on_status(status)
+            continue
+        if on_status:
+            on_status(status)
+        if status.state == "config changed" and step.kind == "finetune":
+            shutil.rmtree(out)  # a run with other settings cannot be resumed, only replaced
+        try:
+            detail = getattr(runner, step.kind)(step, out)
+        except Exception as e:
+            failed = StepStatus(step, "failed", f"{type(e).__name__}: {e}")
+            run.statuses.append(failed)
+            if on_status:
+                on_status(failed)
+            raise PipelineError(f"step {step.name!r} ({step.kind}) failed: {e}") from e
+        # record only after success, with the inputs as they were read
+        atomic_write_text(json.dumps({"key": key, "config": config, "inputs": inputs}, indent=2), out / STEP_RECORD)
+        done = StepStatus(step, "done", detail)
+        run.statuses.append(done)
+        if on_status:
+            on_status(done)
+    return run

@@ -1,0 +1,115 @@
+"""Pipeline files: validation, dependency order, incremental runs, failures."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image
+from embedpipe.pipeline import STEP_RECORD, PipelineError, load_pipeline, run_pipeline
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "p.toml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+BASE = """
+[pipeline]
+out = "out"
+
+[datasets.imgs]
+images = "images"
+
+[[steps]]
+kind = "index"
+name = "idx"
+input = "emb"
+metric = "cosine"
+
+[[steps]]
+kind = "extract"
+name = "emb"
+dataset = "imgs"
+backbone = "lenet5"
+weights = "none"
+batch_size = {batch}
+workers = 1
+"""
+
+
+def states(run) -> dict[str, str]:
+    return {s.step.name: s.state for s in run.statuses}
+
+
+def test_steps_run_in_dependency_order_and_then_are_skipped(image_folder, tmp_path):
+    path = write(tmp_path, BASE.format(batch=4))
+    assert [s.name for s in load_pipeline(path).steps] == ["emb", "idx"]
+    assert states(run_pipeline(path)) == {"emb": "done", "idx": "done"}
+    record = json.loads((tmp_path / "out" / "emb" / STEP_RECORD).read_text())
+    assert record["config"]["options"]["backbone"] == "lenet5" and "dataset" in record["inputs"]
+    assert states(run_pipeline(path)) == {"emb": "up to date", "idx": "up to date"}
+    assert states(run_pipeline(path, dry_run=True)) == {"emb": "up to date", "idx": "up to date"}
+
+
+def test_a_changed_step_reruns_with_everything_downstream(image_folder, tmp_path):
+    run_pipeline(write(tmp_path, BASE.format(batch=4)))
+    changed = write(tmp_path, BASE.format(batch=5))
+    dry = run_pipeline(changed, dry_run=True)
+    assert states(dry) == {"emb": "config changed", "idx": "inputs changed"}
+    assert states(run_pipeline(changed)) == {"emb": "done", "idx": "done"}
+    make_image(image_folder / "cats" / "new.png", seed=5)  # new input data
+    assert states(run_pipeline(changed, dry_run=True))["emb"] == "inputs changed"
+    assert states(run_pipeline(changed)) == {"emb": "done", "idx": "done"}
+
+
+def test_a_failing_step_stops_the_run_and_keeps_finished_steps(image_folder, tmp_path):
+    body = BASE.format(batch=4) + textwrap.dedent("""
+        [[steps]]
+        kind = "extract"
+        name = "broken"
+        dataset = "imgs"
+        backbone = "resnet18"
+        weights = "missing.pth"
+    """)
+    with pytest.raises(PipelineError, match="step 'broken' \\(extract\\) failed: checkpoint file"):
+        run_pipeline(write(tmp_path, body))
+    assert (tmp_path / "out" / "emb" / STEP_RECORD).exists()
+    assert not (tmp_path / "out" / "broken" / STEP_RECORD).exists()
+
+
+def test_dry_run_writes_nothing(image_folder, tmp_path):
+    run = run_pipeline(write(tmp_path, BASE.format(batch=4)), dry_run=True)
+    assert states(run) == {"emb": "new", "idx": "inputs changed"}
+    assert not (tmp_path / "out" / "emb").exists()
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ('[pipeline]\nout="o"\n[[steps]]\nkind="train"\nname="x"', r"kind = 'train'; allowed: \['extract', 'finetune'"),
+        ('[pipeline]\nout="o"\n[datasets.d]\nimages="i"\n[[steps]]\nkind="extract"\nname="x"\ndataset="d"\nbackbone="a"\nbatchsize=3',
+         r"unknown keys \['batchsize'\]; allowed for extract: \[.*'batch_size'"),
+        ('[pipeline]\nout="o"\n[[steps]]\nkind="extract"\nname="x"\ndataset="nope"\nbackbone="a"', r"dataset = 'nope'; defined datasets: \[\]"),
+        ('[pipeline]\nout="o"\n[[steps]]\nkind="index"\nname="x"\ninput="y"', r"step 'x' needs unknown steps \['y'\]"),
+        ('[pipeline]\nout="o"\n[[steps]]\nkind="index"\nname="a"\ninput="b"\n[[steps]]\nkind="index"\nname="b"\ninput="a"', "cycle"),
+        ('[pipeline]\nout="o"\n[datasets.d]\nbuiltin="cifar"', r"builtin = 'cifar'; allowed: \['mnist', 'photos'\]"),
+        ('[pipline]\nout="o"', r"unknown top-level keys \['pipline'\]"),
+        ('[pipeline]\n[[steps]]', "pipeline.out must be a path"),
+    ],
+)
+def test_validation_errors_name_the_key_and_the_choices(tmp_path, body, match):
+    with pytest.raises(PipelineError, match=match):
+        load_pipeline(write(tmp_path, body))
+
+
+def test_shipped_pipelines_are_valid():
+    root = Path(__file__).parent.parent / "pipelines"
+    files = sorted(root.glob("*.toml"))
+    assert {f.name for f in files} >= {"demo.toml", "transfer.toml", "image_search.toml", "finetune.toml"}
+    for f in files:
+        assert load_pipeline(f).steps
