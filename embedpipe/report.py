@@ -1,0 +1,644 @@
+"""Probe results -> ``results.json``, ``report.md`` and a self-contained ``report.html``.
+
+No compute happens here. Everything shown (confidence intervals, the paired test, the
+PCA view) was measured by :mod:`embedpipe.probe` and is read back from
+``results.json``, so :func:`render_report` re-renders a report without the embeddings,
+exactly as a script or dashboard reading that file would see the numbers.
+
+The Markdown and the HTML are rendered from one list of blocks, so they cannot drift
+apart; the HTML embeds its figures as base64 PNG and needs nothing beside itself.
+Figures are drawn with matplotlib's object-oriented API on the Agg canvas: no display,
+no pyplot global state.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+from embedpipe.errors import ReportError
+from embedpipe.probe import RESULTS_SCHEMA, ProbeResults
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+MARKDOWN_FILE = "report.md"
+HTML_FILE = "report.html"
+FIGURES_DIR = "figures"
+
+_DPI = 110
+_MAX_TICK_CLASSES = 30  # more classes than this: no class names on confusion axes
+_MAX_ANNOTATED_CLASSES = 12  # confusion cells carry counts, projections a legend
+_HEADLINE_K = 20  # the k-NN column of the comparison table, as DINO reports
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Paths of one rendered report."""
+
+    results: Path
+    markdown: Path
+    html: Path
+    figures: tuple[Path, ...]
+
+
+def write_report(results: ProbeResults, out_dir: str | os.PathLike) -> ReportFiles:
+    """Save ``results`` as ``out_dir/results.json`` and render the report next to it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results.to_dict(), indent=1, allow_nan=False, default=_json_default)
+    _atomic_write(out / RESULTS_FILE, text.encode("utf-8"))
+    return render_report(out)
+
+
+def load_results(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``results.json`` document of a report directory, checked for its schema."""
+    path = Path(out_dir) / RESULTS_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(
+            f"{path} does not exist; write it with `embedpipe probe EMBEDDINGS... --out "
+            f"{Path(out_dir)}` (or embedpipe.report.write_report) first"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ReportError(
+            f"{path} is not valid JSON ({e}); re-run the probe to rewrite it"
+        ) from None
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if schema != RESULTS_SCHEMA:
+        raise ReportError(
+            f"{path} has schema {schema!r}, this embedpipe renders {RESULTS_SCHEMA!r}; "
+            "re-run the probe with this version to rewrite it"
+        )
+    return doc
+
+
+def render_report(out_dir: str | os.PathLike) -> ReportFiles:
+    """(Re-)render ``report.md``, ``report.html`` and ``figures/`` from ``results.json``."""
+    out = Path(out_dir)
+    doc = load_results(out)
+    figures = _figures(doc)
+    (out / FIGURES_DIR).mkdir(exist_ok=True)
+    figure_paths = []
+    for name, png in figures.items():
+        path = out / FIGURES_DIR / f"{name}.png"
+        _atomic_write(path, png)
+        figure_paths.append(path)
+    blocks = _blocks(doc)
+    markdown = _to_markdown(blocks, {name: f"{FIGURES_DIR}/{name}.png" for name in figures})
+    page = _to_html(blocks, figures)
+    _atomic_write(out / MARKDOWN_FILE, markdown.encode("utf-8"))
+    _atomic_write(out / HTML_FILE, page.encode("utf-8"))
+    logger.info("report written to %s", out / HTML_FILE)
+    return ReportFiles(
+        out / RESULTS_FILE, out / MARKDOWN_FILE, out / HTML_FILE, tuple(figure_paths)
+    )
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# --- reading the document ------------------------------------------------------------
+
+
+def _pretrained(provenance: Mapping[str, Any]) -> bool | None:
+    """True / False as recorded in the weights metadata; None when it was not recorded."""
+    weights = provenance.get("weights")
+    value = weights.get("pretrained") if isinstance(weights, Mapping) else None
+    return value if isinstance(value, bool) else None
+
+
+def _weights_text(provenance: Mapping[str, Any]) -> str:
+    weights = provenance.get("weights")
+    name = weights.get("name") if isinstance(weights, Mapping) else None
+    status = {True: "pretrained", False: "NOT PRETRAINED", None: "pretraining not recorded"}
+    return f"{name or 'unknown'} ({status[_pretrained(provenance)]})"
+
+
+def _display_name(name: str, provenance: Mapping[str, Any]) -> str:
+    """Axis label: not-pretrained embeddings are marked wherever they are plotted."""
+    return (
+        name if _pretrained(provenance) else f"{name}\n({_STATUS_SHORT[_pretrained(provenance)]})"
+    )
+
+
+_STATUS_SHORT = {False: "not pretrained", None: "pretraining unknown"}
+
+
+def _headline_k(doc: Mapping[str, Any]) -> int | None:
+    """The k shown in the comparison: 20 when measured, else the smallest measured k."""
+    ks = [int(key[1:]) for key, m in next(iter(doc["datasets"].values()))["knn"].items() if m]
+    return _HEADLINE_K if _HEADLINE_K in ks else (min(ks) if ks else None)
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
+def _ci(metrics: Mapping[str, Any]) -> str:
+    return f"{100 * metrics['linear.top1_ci_low']:.2f}, {100 * metrics['linear.top1_ci_high']:.2f}"
+
+
+def _p_value(p: float) -> str:
+    return "p < 0.0001" if p < 1e-4 else f"p = {p:.4f}"
+
+
+# --- figures -------------------------------------------------------------------------
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _label_colors(n_classes: int) -> ListedColormap:
+    from matplotlib import colormaps
+
+    if n_classes <= 10:
+        return ListedColormap(colormaps["tab10"].colors[:n_classes])
+    if n_classes <= 20:
+        return ListedColormap(colormaps["tab20"].colors[:n_classes])
+    return ListedColormap(colormaps["turbo"](np.linspace(0.05, 0.95, n_classes)))
+
+
+def _figures(doc: Mapping[str, Any]) -> dict[str, bytes]:
+    return {
+        "accuracy": _accuracy_figure(doc),
+        "validation_curve": _validation_figure(doc),
+        "confusion_matrix": _confusion_figure(doc),
+        "projection": _projection_figure(doc),
+    }
+
+
+def _accuracy_figure(doc: Mapping[str, Any]) -> bytes:
+    names = doc["ranking"]
+    datasets = doc["datasets"]
+    k = _headline_k(doc)
+    fig = Figure(figsize=(max(5.0, 1.5 * len(names) + 2.0), 4.2), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    width = 0.38 if k is not None else 0.6
+    linear = np.array([datasets[n]["metrics"]["linear.top1"] for n in names])
+    low = np.array([datasets[n]["metrics"]["linear.top1_ci_low"] for n in names])
+    high = np.array([datasets[n]["metrics"]["linear.top1_ci_high"] for n in names])
+    hatches = ["" if _pretrained(datasets[n]["provenance"]) else "//" for n in names]
+    offset = -width / 2 if k is not None else 0.0
+    bars = ax.bar(
+        x + offset,
+        100 * linear,
+        width,
+        yerr=100 * np.vstack([linear - low, high - linear]),
+        capsize=4,
+        color="#4C72B0",
+        label=f"linear probe (top-1, {100 * doc['config']['confidence']:.0f}% CI)",
+    )
+    groups = [bars]
+    if k is not None:
+        knn = np.array([datasets[n]["metrics"][f"knn.k{k}.top1"] for n in names])
+        groups.append(
+            ax.bar(x + width / 2, 100 * knn, width, color="#DD8452", label=f"k-NN, k={k} (top-1)")
+        )
+    for group in groups:
+        for bar, hatch in zip(group, hatches):
+            bar.set_hatch(hatch)
+            bar.set_edgecolor("#333333" if hatch else bar.get_facecolor())
+        ax.bar_label(group, fmt="%.1f", padding=3, fontsize=8)
+    ax.set_xticks(x, [_display_name(n, datasets[n]["provenance"]) for n in names])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 108)
+    ax.set_title("Accuracy per embeddings dataset (hatched: not pretrained)", fontsize=10)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def _validation_figure(doc: Mapping[str, Any]) -> bytes:
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for name in doc["ranking"]:
+        entry = doc["datasets"][name]
+        curve = entry["linear"]["validation_curve"]
+        (line,) = ax.plot(curve["C"], 100 * np.asarray(curve["accuracy"]), marker=".", label=name)
+        best = curve["C"].index(entry["linear"]["C"])
+        ax.plot(
+            curve["C"][best],
+            100 * curve["accuracy"][best],
+            marker="*",
+            markersize=14,
+            color=line.get_color(),
+            markeredgecolor="black",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("C (inverse L2 regularisation strength)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Linear probe: validation accuracy over C (star: selected C)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _png(fig)
+
+
+def _confusion_figure(doc: Mapping[str, Any]) -> bytes:
+    best = doc["ranking"][0]
+    classes = doc["split"]["classes"]
+    counts = np.asarray(doc["datasets"][best]["linear"]["confusion_matrix"], dtype=np.int64)
+    support = counts.sum(axis=1, keepdims=True)
+    rates = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
+    size = min(11.0, 3.5 + 0.35 * len(classes))
+    fig = Figure(figsize=(size + 1.2, size), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(100 * rates, cmap="Blues", vmin=0, vmax=100)
+    fig.colorbar(image, ax=ax, label="% of the true class", shrink=0.8)
+    if len(classes) <= _MAX_TICK_CLASSES:
+        ticks = np.arange(len(classes))
+        ax.set_xticks(ticks, classes, rotation=90 if len(classes) > 10 else 0, fontsize=8)
+        ax.set_yticks(ticks, classes, fontsize=8)
+    if len(classes) <= _MAX_ANNOTATED_CLASSES:
+        for (i, j), n in np.ndenumerate(counts):
+            if n:
+                ax.text(
+                    j,
+                    i,
+                    str(n),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(
+        f"Confusion matrix of the best embeddings, {best} (linear probe, test split)", fontsize=10
+    )
+    return _png(fig)
+
+
+def _projection_figure(doc: Mapping[str, Any]) -> bytes:
+    names = doc["ranking"]
+    classes = doc["split"]["classes"]
+    cmap = _label_colors(len(classes))
+    ncols = min(3, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig = Figure(figsize=(4.2 * ncols + 1.0, 4.0 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, name in zip(axes, names):
+        entry = doc["datasets"][name]
+        projection = entry["projection"]
+        points = np.asarray(projection["points"], dtype=np.float64).reshape(-1, 2)
+        labels = np.asarray(projection["labels"], dtype=np.int64)
+        ax.scatter(
+            points[:, 0],
+            points[:, 1],
+            c=labels,
+            cmap=cmap,
+            vmin=-0.5,
+            vmax=len(classes) - 0.5,
+            s=6,
+            alpha=0.7,
+            linewidths=0,
+        )
+        ratio = projection["explained_variance_ratio"]
+        ax.set_title(_display_name(name, entry["provenance"]).replace("\n", " "), fontsize=10)
+        ax.set_xlabel(f"PC 1 ({100 * ratio[0]:.1f}% of variance)", fontsize=8)
+        ax.set_ylabel(f"PC 2 ({100 * ratio[1]:.1f}%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(names) :]:
+        ax.set_axis_off()
+    if len(classes) <= _MAX_ANNOTATED_CLASSES:
+        handles = [
+            axes[0].scatter([], [], color=cmap(i), s=20, label=c) for i, c in enumerate(classes)
+        ]
+        fig.legend(handles=handles, title="label", loc="outside right center", fontsize=8)
+    fig.suptitle("PCA projection, coloured by label", fontsize=11)
+    return _png(fig)
+
+
+# --- the document as blocks ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Heading:
+    level: int
+    text: str
+
+
+@dataclass(frozen=True)
+class _Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class _Warning:
+    text: str
+
+
+@dataclass(frozen=True)
+class _Table:
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class _FigureRef:
+    name: str
+    caption: str
+
+
+_Block = _Heading | _Paragraph | _Warning | _Table | _FigureRef
+
+
+def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
+    config, split, datasets, env = doc["config"], doc["split"], doc["datasets"], doc["environment"]
+    names = doc["ranking"]
+    level = 100 * config["confidence"]
+    k = _headline_k(doc)
+    if split["kind"] == "stratified":
+        where = f"a stratified split (test {config['test_size']:g}, seed {config['seed']})"
+    else:
+        where = "the given test embeddings"
+    blocks: list[_Block] = [
+        _Heading(1, "embedpipe probe report"),
+        _Paragraph(
+            f"{len(names)} embeddings datasets of the same {split['n_train'] + split['n_test']} "
+            f"images, {len(split['classes'])} classes. Test rows from {where}: "
+            f"{split['n_train']} training rows (of which {split['n_validation']} held out to "
+            f"choose C) and {split['n_test']} test rows, identical for every dataset. "
+            f"Created {doc['created_at']} with embedpipe {env['embedpipe']}, "
+            f"scikit-learn {env['scikit-learn']}, faiss {env['faiss']}."
+        ),
+    ]
+    untrained = [n for n in names if _pretrained(datasets[n]["provenance"]) is not True]
+    if untrained:
+        blocks.append(
+            _Warning(
+                f"Not pretrained (or not recorded as pretrained): {', '.join(untrained)}. Their "
+                "weights are random init or none, so their scores are baselines, not transfer "
+                "from pretraining."
+            )
+        )
+    dropped = {n: datasets[n]["rows_dropped"] for n in names if datasets[n]["rows_dropped"]}
+    if dropped:
+        blocks.append(
+            _Warning(
+                "Aligned on the ids every dataset shares; rows dropped: "
+                + ", ".join(f"{n}: {c}" for n, c in dropped.items())
+            )
+        )
+
+    blocks.append(_Heading(2, "Comparison"))
+    headers = (
+        "#",
+        "Embeddings",
+        "Backbone",
+        "Layer",
+        "Dim",
+        "Weights",
+        f"Linear top-1 [{level:.0f}% CI]",
+        "Top-5",
+        "Mean per-class",
+        "Macro-F1",
+        "C",
+        f"k-NN top-1 (k={k})" if k is not None else "k-NN top-1",
+        "Fit time",
+    )
+    rows = []
+    for rank, name in enumerate(names, start=1):
+        entry = datasets[name]
+        m, p = entry["metrics"], entry["provenance"]
+        rows.append(
+            (
+                str(rank),
+                name,
+                str(p.get("backbone")),
+                str(p.get("layer")),
+                str(p.get("dim")),
+                _weights_text(p),
+                f"{_pct(m['linear.top1'])} [{_ci(m)}]",
+                _pct(m["linear.top5"]),
+                _pct(m["linear.mean_per_class"]),
+                _pct(m["linear.macro_f1"]),
+                f"{m['linear.C']:.3g}",
+                _pct(m[f"knn.k{k}.top1"]) if k is not None else "—",
+                f"{m['linear.fit_seconds']:.1f} s",
+            )
+        )
+    blocks.append(_Table(headers, tuple(rows)))
+    paired = doc["paired_test"]
+    if paired is None:
+        blocks.append(_Paragraph("One embeddings dataset only: there is no paired comparison."))
+    else:
+        alpha = 1.0 - config["confidence"]
+        verdict = (
+            f"a significant difference at the {100 * alpha:g}% level"
+            if paired["p_value"] < alpha
+            else f"no significant difference at the {100 * alpha:g}% level"
+        )
+        blocks.append(
+            _Paragraph(
+                f"Paired test of the two best, {paired['a']} vs {paired['b']} (exact McNemar on "
+                f"the same {paired['n']} test images): only {paired['a']} right on "
+                f"{paired['a_only']}, only {paired['b']} right on {paired['b_only']}; "
+                f"{_p_value(paired['p_value'])}, {verdict}. Intervals are percentile bootstrap "
+                f"intervals over test images ({config['n_bootstrap']} resamples)."
+            )
+        )
+
+    ks = [int(key[1:]) for key in next(iter(datasets.values()))["knn"]]
+    blocks += [
+        _Heading(
+            2,
+            f"k-NN probe (cosine, votes weighted exp(similarity / {config['knn_temperature']:g}))",
+        ),
+        _Table(
+            ("Embeddings", *(f"k={k} top-1 / top-5" for k in ks)),
+            tuple(
+                (
+                    name,
+                    *(
+                        f"{_pct(datasets[name]['metrics'][f'knn.k{k}.top1'])} / "
+                        f"{_pct(datasets[name]['metrics'][f'knn.k{k}.top5'])}"
+                        for k in ks
+                    ),
+                )
+                for name in names
+            ),
+        ),
+        _Heading(2, "Figures"),
+        _FigureRef(
+            "accuracy", "Test accuracy per embeddings dataset, with its bootstrap interval."
+        ),
+        _FigureRef(
+            "validation_curve",
+            f"Validation accuracy over the {len(config['Cs'])} values of C; the star marks the C "
+            "each probe was refit with.",
+        ),
+        _FigureRef("confusion_matrix", f"Confusion matrix of the best embeddings, {names[0]}."),
+        _FigureRef(
+            "projection",
+            "First two principal components of up to "
+            f"{config['projection_samples']} rows, after the linear probe's preprocessing.",
+        ),
+    ]
+    if len(split["classes"]) <= _MAX_TICK_CLASSES:
+        blocks += [
+            _Heading(2, "Per-class accuracy (linear probe, test split)"),
+            _Table(
+                ("Class", *names),
+                tuple(
+                    (c, *(_pct(datasets[n]["linear"]["per_class_accuracy"][i]) for n in names))
+                    for i, c in enumerate(split["classes"])
+                ),
+            ),
+        ]
+    blocks += [_Heading(2, "Protocol")] + [_Paragraph(line) for line in _protocol(doc)]
+    return blocks
+
+
+def _protocol(doc: Mapping[str, Any]) -> list[str]:
+    config = doc["config"]
+    datasets = doc["datasets"]
+    preprocessing = [
+        step
+        for step, on in (
+            ("L2-normalised", config["l2_normalize"]),
+            ("standardised", config["standardize"]),
+        )
+        if on
+    ]
+    unconverged = [n for n in doc["ranking"] if not datasets[n]["linear"]["converged"]]
+    linear = (
+        "Linear probe (Kornblith, Shlens & Le 2019): L2-regularised multinomial logistic "
+        "regression, L-BFGS (scikit-learn), features "
+        f"{' then '.join(preprocessing) if preprocessing else 'as extracted'}. C chosen by "
+        f"validation accuracy among {len(config['Cs'])} values from {config['Cs'][0]:.0e} to "
+        f"{config['Cs'][-1]:.0e} on {100 * config['validation_size']:g}% of the training rows "
+        f"(stratified, seed {config['seed']}), then refit on all training rows and scored once "
+        f"on the test rows; tol {config['tol']:g}, max_iter {config['max_iter']}."
+    )
+    knn = (
+        "k-NN probe (Caron et al. 2021, DINO): cosine similarity of L2-normalised features, "
+        f"exact search with FAISS, k in {config['knn_ks']}, each neighbour voting "
+        f"exp(similarity / {config['knn_temperature']:g}); training rows are the database."
+    )
+    lines = [linear, knn]
+    if unconverged:
+        lines.append(
+            f"Warning: the final fit of {', '.join(unconverged)} stopped at max_iter before "
+            "reaching tol; raise max_iter for converged numbers."
+        )
+    for name in doc["ranking"]:
+        p = datasets[name]["provenance"]
+        lines.append(
+            f"{name}: backbone {p.get('backbone')}, layer {p.get('layer')}, dim {p.get('dim')}, "
+            f"weights {json.dumps(p.get('weights'), sort_keys=True)}, preprocessing "
+            f"{json.dumps(p.get('preprocessing'), sort_keys=True)}."
+        )
+    return lines
+
+
+# --- rendering -----------------------------------------------------------------------
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _to_markdown(blocks: Sequence[_Block], figure_paths: Mapping[str, str]) -> str:
+    out = []
+    for block in blocks:
+        if isinstance(block, _Heading):
+            out.append(f"{'#' * block.level} {block.text}")
+        elif isinstance(block, _Paragraph):
+            out.append(block.text)
+        elif isinstance(block, _Warning):
+            out.append(f"> **Warning:** {block.text}")
+        elif isinstance(block, _Table):
+            out.append("| " + " | ".join(map(_md_cell, block.headers)) + " |")
+            out[-1] += "\n|" + "---|" * len(block.headers)
+            out[-1] += "".join("\n| " + " | ".join(map(_md_cell, row)) + " |" for row in block.rows)
+        else:
+            out.append(f"![{block.caption}]({figure_paths[block.name]})\n\n*{block.caption}*")
+    return "\n\n".join(out) + "\n"
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222;
+       line-height: 1.45; padding: 0 1rem; }
+table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; }
+th { background: #f3f3f3; }
+.warning { background: #fff4e5; border-left: 4px solid #e8590c; padding: 0.6rem 1rem; }
+figure { margin: 1.5rem 0; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-style: italic; color: #555; }
+"""
+
+
+def _to_html(blocks: Sequence[_Block], figures: Mapping[str, bytes]) -> str:
+    esc = html.escape
+    body = []
+    for block in blocks:
+        if isinstance(block, _Heading):
+            body.append(f"<h{block.level}>{esc(block.text)}</h{block.level}>")
+        elif isinstance(block, _Paragraph):
+            body.append(f"<p>{esc(block.text)}</p>")
+        elif isinstance(block, _Warning):
+            body.append(f'<p class="warning"><strong>Warning:</strong> {esc(block.text)}</p>')
+        elif isinstance(block, _Table):
+            head = "".join(f"<th>{esc(h)}</th>" for h in block.headers)
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>"
+                for row in block.rows
+            )
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        else:
+            data = base64.b64encode(figures[block.name]).decode("ascii")
+            body.append(
+                f'<figure><img alt="{esc(block.caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{esc(block.caption)}</figcaption></figure>"
+            )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<title>embedpipe probe report</title>"
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
