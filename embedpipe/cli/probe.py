@@ -1,0 +1,62 @@
+"""``embedpipe probe`` and ``embedpipe report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..probe import IdAlignment
+from . import main
+from ._common import enum_choice, friendly_errors
+
+
+def _names(paths: tuple[Path, ...]) -> list[str]:
+    """Report names: folder names, made unique with their parents where they clash."""
+    names = [p.name for p in paths]
+    return [str(p) if names.count(p.name) > 1 else p.name for p in paths]
+
+
+@main.command()
+@click.argument("embeddings", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Report folder.")
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              help="Held-out fraction (stratified, seeded); ignored with --test.")
+@click.option("--test", "tests", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="A given test split: embeddings of the test images, one per backbone (repeatable).")
+@click.option("--seed", type=int, default=0)
+@click.option("--align", type=enum_choice(IdAlignment), default=IdAlignment.STRICT.value,
+              help="strict: datasets must hold the same ids; intersect: probe the ids they share.")
+@click.option("--standardize/--no-standardize", default=True, help="Standardise features for the linear probe.")
+@click.option("--l2-normalize", is_flag=True, help="L2-normalise features for the linear probe.")
+@click.option("--jobs", type=int, default=-1, help="Datasets probed at once (-1: every core).")
+@friendly_errors
+def probe(embeddings: tuple[Path, ...], out: Path, test_size: float, tests: tuple[Path, ...], seed: int,
+          align: str, standardize: bool, l2_normalize: bool, jobs: int) -> None:
+    """Linear-probe and k-NN evaluation of each EMBEDDINGS dataset, compared in one report."""
+    from ..probe import ProbeConfig, ProbeInput, run_probe
+    from ..report import write_report
+    from ..store import read_embeddings
+
+    inputs = [ProbeInput.from_embeddings(read_embeddings(p), name=n) for p, n in zip(embeddings, _names(embeddings))]
+    test_inputs = [ProbeInput.from_embeddings(read_embeddings(p), name=n) for p, n in zip(tests, _names(tests))]
+    config = ProbeConfig(test_size=test_size, seed=seed, align=IdAlignment(align), standardize=standardize,
+                         l2_normalize=l2_normalize, n_jobs=jobs)
+    results = run_probe(inputs, config, test=test_inputs or None)
+    files = write_report(results, out)
+    for name, d in results.to_dict()["datasets"].items():
+        m = d["metrics"]
+        knn = m.get("knn.k20.top1")
+        click.echo(f"{name:>30}: linear top-1 {m['linear.top1']:.3f} (C={m['linear.C']:.3g})"
+                   + (f", k-NN k=20 top-1 {knn:.3f}" if knn is not None else ""))
+    click.echo(f"report: {files.html}")
+
+
+@main.command()
+@click.argument("report_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@friendly_errors
+def report(report_dir: Path) -> None:
+    """Re-render REPORT_DIR's report.md, report.html and plots from its results.json."""
+    from ..report import render_report
+
+    click.echo(f"report: {render_report(report_dir).html}")

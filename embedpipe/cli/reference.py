@@ -1,0 +1,39 @@
+"""Generate docs/cli.md from the click commands themselves.
+
+    python -m embedpipe.cli.reference > docs/cli.md
+
+A test regenerates it and compares, so the reference cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import click
+
+from . import main
+
+
+def _commands(group: click.Group, ctx: click.Context, prefix: str):
+    for name in sorted(group.list_commands(ctx)):
+        cmd = group.get_command(ctx, name)
+        path = f"{prefix} {name}"
+        sub = click.Context(cmd, info_name=name, parent=ctx)
+        if isinstance(cmd, click.Group):
+            yield path, cmd, sub
+            yield from _commands(cmd, sub, path)
+        else:
+            yield path, cmd, sub
+
+
+def reference() -> str:
+    """The whole CLI as Markdown: one section per command with its usage and options."""
+    root = click.Context(main, info_name="embedpipe", terminal_width=100, max_content_width=100)
+    out = ["# Command-line reference", "",
+           "Generated from the commands by `python -m embedpipe.cli.reference`; do not edit.", ""]
+    out += ["## embedpipe", "", "```", main.get_help(root).rstrip(), "```", ""]
+    for path, cmd, ctx in _commands(main, root, "embedpipe"):
+        out += [f"## {path}", "", "```", cmd.get_help(ctx).replace("Usage: " + ctx.command_path, "Usage: " + path).rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    click.echo(reference(), nl=False)
