@@ -33,7 +33,9 @@ failing step stops the pipeline with its error; finished steps stay as they are.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import html
 import json
 import logging
 import os
@@ -45,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EmbedpipeError
-from .store import atomic_write_text
+from .store import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -303,15 +305,28 @@ class _Runner:
         images = Path(self.dataset_root_of(step.options["index"]))
         out.mkdir(parents=True, exist_ok=True)
         k = int(step.options.get("k", 8))
-        written = []
+        meta = idx.meta
+        figures = []
         for query in step.options.get("queries", []):
             results = idx.search_ids([query], k=k, exclude_self=True).to_frame()
             neighbours = [(images / r.id, r.id, float(r.score)) for r in results.itertuples()]
-            png = render_gallery(images / query, neighbours, title=f"{query}: {k} nearest neighbours")
-            target = out / f"{query.replace('/', '_')}.png"
-            target.write_bytes(png)
-            written.append(target.name)
-        return f"{len(written)} galleries"
+            png = render_gallery(
+                images / query, neighbours, k=k, query_id=query, score_name=idx.info.metric,
+                title=f"{meta.get('backbone')} ({meta.get('weights', {}).get('name')}): nearest neighbours",
+            )
+            target = out / Path(query.replace('/', '_')).with_suffix('.png').name
+            atomic_write_bytes(png, target)
+            figures.append((query, png))
+        page = "".join(
+            f"<h2>{html.escape(q)}</h2><img alt='neighbours of {html.escape(q)}' "
+            f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>" for q, png in figures
+        )
+        atomic_write_bytes(
+            f"<!doctype html><meta charset=utf-8><title>Neighbour gallery</title>"
+            f"<body style='font-family:sans-serif'><h1>Neighbour gallery: {html.escape(str(meta.get('backbone')))}"
+            f"</h1>{page}</body>".encode(), out / "index.html",
+        )
+        return f"{len(figures)} galleries -> {out / 'index.html'}"
 
     def dataset_root_of(self, index_step: str) -> str:
         """The image folder behind an index: its input extract step's dataset."""

@@ -184,17 +184,22 @@ def atomic_write_parquet(table: pa.Table, path: Path, *, row_group_size: int) ->
     _fsync_dir(path.parent)
 
 
-def atomic_write_text(text: str, path: Path) -> None:
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` so that readers see all of it or nothing."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    atomic_write_bytes(text.encode("utf-8"), path)
 
 
 # --- reading -------------------------------------------------------------------------
