@@ -30,4 +30,5 @@ from . import extract as _extract  # noqa: E402,F401  (registers its commands)
 from . import index as _index  # noqa: E402,F401
 from . import finetune as _finetune  # noqa: E402,F401
 from . import probe as _probe  # noqa: E402,F401
+from . import explain as _explain  # noqa: E402,F401
 from . import pipeline as _pipeline  # noqa: E402,F401
