@@ -126,3 +126,29 @@ class ProbeConfigError(EmbedpipeError, ValueError):
 
 class ReportError(EmbedpipeError, ValueError):
     """A report directory without a readable ``results.json`` of a supported schema."""
+
+
+# --- explain -------------------------------------------------------------------------
+
+
+class ExplainError(EmbedpipeError, ValueError):
+    """A visualisation that cannot be made as asked: a layer that is not a feature map, a
+    class index out of range, a class target on a network without a classifier head."""
+
+
+class UnknownLayerError(EmbedpipeError, KeyError):
+    """A layer name that is not a module path of the network."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+# --- finetune / pipelines ----------------------------------------------------------
+
+
+class FinetuneError(EmbedpipeError, ValueError):
+    """A fine-tuning job that cannot run as configured."""
+
+
+class PipelineError(EmbedpipeError, ValueError):
+    """A pipeline file that is not valid, or a step that failed."""

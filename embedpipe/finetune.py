@@ -42,16 +42,12 @@ from torch import nn
 from .backbones import _AUX, get_spec, load_classifier
 from .config import DEFAULT_MAX_PIXELS, Choice
 from .decode import load_image
-from .errors import EmbedpipeError
+from .errors import FinetuneError
 from .preprocess import Preprocessing
 from .sources import ImageRecord, open_source
 from .store import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-class FinetuneError(EmbedpipeError, ValueError):
-    """A fine-tuning job that cannot run as configured."""
 
 
 class Mode(Choice):

@@ -46,16 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import EmbedpipeError
+from .errors import PipelineError
 from .store import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 STEP_RECORD = "_step.json"
-
-
-class PipelineError(EmbedpipeError, ValueError):
-    """A pipeline file that is not valid, or a step that failed."""
 
 
 # --- the file ------------------------------------------------------------------------
