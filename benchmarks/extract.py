@@ -134,6 +134,29 @@ def peak_rss(model: str, precision: Precision, src: Path) -> float:
     return peak / 2**20
 
 
+def embedding_agreement(src: Path, backbone: str, weights: str) -> dict[str, tuple[float, float]]:
+    """Mean and minimum cosine similarity of each fast path's embeddings to the exact
+    ones (fp32, full decode) for the same images: what each speed-up costs."""
+    def run(**options) -> np.ndarray:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = ExtractConfig(source=src, out=Path(tmp) / "emb", backbone=backbone, weights=weights, **options)
+            extract(cfg)
+            from embedpipe.store import read_embeddings
+
+            return read_embeddings(cfg.out).vectors
+
+    def cosine(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+        c = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        return float(c.mean()), float(c.min())
+
+    exact = run(decode="full")
+    out = {"draft decode": cosine(run(decode="draft"), exact),
+           "device decode": cosine(run(decode="device"), exact)}
+    if bf16_supported_on_cpu():
+        out["bf16 (full decode)"] = cosine(run(decode="full", precision="bf16"), exact)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=400, help="images per throughput run")
@@ -141,10 +164,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement (medians reported)")
     ap.add_argument("--models", default="resnet50,resnet18")
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8, help="the engine's CPU default")
     ap.add_argument("--rss-sizes", default="1000,8000", help="dataset sizes for the peak-RSS runs")
     ap.add_argument("--rss-model", default="resnet18")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--agreement-images", type=int, default=200,
+                    help="images for the embedding-agreement table (0: skip)")
+    ap.add_argument("--agreement-backbone", default="efficientnet_lite0",
+                    help="real pretrained weights make the comparison meaningful")
     args = ap.parse_args()
 
     precisions = [Precision(p) for p in args.precisions.split(",")]
@@ -178,8 +205,17 @@ def main() -> None:
     print(f"\npeak RSS, {args.rss_model} {rss_precision.value} end to end (main + workers): "
           + ", ".join(f"{n} images {v:.0f} MiB" for n, v in rss.items())
           + f"; ratio {rss[sizes[-1]] / rss[sizes[0]]:.3f}")
+    agreement = {}
+    if args.agreement_images:
+        src = make_photos(CACHE / f"photos-{args.agreement_images}", args.agreement_images)
+        agreement = embedding_agreement(src, args.agreement_backbone, "DEFAULT")
+        print(f"\ncosine similarity to fp32 + full decode, {args.agreement_backbone} pretrained, "
+              f"{args.agreement_images} photos (mean / min):")
+        for name, (mean, low) in agreement.items():
+            print(f"  {name:<20} {mean:.5f} / {low:.5f}")
     if args.json:
-        args.json.write_text(json.dumps({"throughput": results, "peak_rss_mib": rss}, indent=2))
+        args.json.write_text(json.dumps({"throughput": results, "peak_rss_mib": rss,
+                                         "agreement": agreement}, indent=2))
 
 
 if __name__ == "__main__":

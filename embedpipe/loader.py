@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -22,6 +23,13 @@ from .config import DecodeMode
 from .decode import Decoded, DecodeFailure, ErrorType, decode_file
 from .preprocess import Preprocessing
 from .sources import ImageRecord
+
+
+#: fork where it is safe and usual (Linux: PyTorch's DataLoader does the same), spawn
+#: elsewhere. Workers never touch torch or OpenMP, the parts of the parent that fork
+#: breaks; spawn would re-import the caller's __main__ in every worker (seconds, when a
+#: script imports torch at the top).
+_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 def _init_worker(nice: int) -> None:
@@ -64,10 +72,9 @@ class DecodePool:
         self._pool: ProcessPool | None = None
 
     def __enter__(self) -> DecodePool:
-        # spawn, not fork: the parent holds torch's thread pools, which fork breaks
         self._pool = ProcessPool(
             max_workers=self.workers,
-            context=multiprocessing.get_context("spawn"),
+            context=multiprocessing.get_context(_START_METHOD),
             initializer=_init_worker,
             initargs=(self.nice,),
         )
