@@ -31,7 +31,6 @@ import math
 import os
 import re
 import textwrap
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from .config import DEFAULT_MAX_PIXELS, Choice, DecodeMode
 from .decode import DecodeFailure, ErrorType, decode_file, load_image
 from .errors import ExplainError, ImageDecodeError, UnknownLayerError, WeightsError
 from .preprocess import Preprocessing
+from .store import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -806,12 +806,7 @@ def _write(out_dir: str | os.PathLike, name: str, png: bytes) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(png)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(png, path)
     logger.info("wrote %s (%d bytes)", path, len(png))
     return path
 

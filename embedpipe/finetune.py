@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,7 @@ from .decode import load_image
 from .errors import FinetuneError
 from .preprocess import Preprocessing
 from .sources import ImageRecord, open_source
-from .store import atomic_write_text
+from .store import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -381,9 +381,9 @@ class FinetuneResult:
 
 
 def _save(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(buf.getvalue(), path)
 
 
 def finetune(config: FinetuneConfig, *, progress: bool = False) -> FinetuneResult:
@@ -503,12 +503,11 @@ def finetune(config: FinetuneConfig, *, progress: bool = False) -> FinetuneResul
 
 
 def _write_history(out: Path, history: list[dict]) -> None:
-    tmp = out / ".history.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, out / "history.csv")
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(history[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(text.getvalue(), out / "history.csv")
     plot_history(history, out / "history.png")
 
 
@@ -529,8 +528,8 @@ def plot_history(history: list[dict], path: Path) -> None:
     b.set(xlabel="epoch", ylabel="top-1 accuracy", ylim=(0, 1.02))
     b.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(png.getvalue(), path)
 

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -34,6 +33,7 @@ from matplotlib.figure import Figure
 
 from embedpipe.errors import ReportError
 from embedpipe.probe import RESULTS_SCHEMA, ProbeResults
+from embedpipe.store import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def write_report(results: ProbeResults, out_dir: str | os.PathLike) -> ReportFil
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results.to_dict(), indent=1, allow_nan=False, default=_json_default)
-    _atomic_write(out / RESULTS_FILE, text.encode("utf-8"))
+    atomic_write_bytes(text.encode("utf-8"), out / RESULTS_FILE)
     return render_report(out)
 
 
@@ -99,30 +99,17 @@ def render_report(out_dir: str | os.PathLike) -> ReportFiles:
     figure_paths = []
     for name, png in figures.items():
         path = out / FIGURES_DIR / f"{name}.png"
-        _atomic_write(path, png)
+        atomic_write_bytes(png, path)
         figure_paths.append(path)
     blocks = _blocks(doc)
     markdown = _to_markdown(blocks, {name: f"{FIGURES_DIR}/{name}.png" for name in figures})
     page = _to_html(blocks, figures)
-    _atomic_write(out / MARKDOWN_FILE, markdown.encode("utf-8"))
-    _atomic_write(out / HTML_FILE, page.encode("utf-8"))
+    atomic_write_bytes(markdown.encode("utf-8"), out / MARKDOWN_FILE)
+    atomic_write_bytes(page.encode("utf-8"), out / HTML_FILE)
     logger.info("report written to %s", out / HTML_FILE)
     return ReportFiles(
         out / RESULTS_FILE, out / MARKDOWN_FILE, out / HTML_FILE, tuple(figure_paths)
     )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _json_default(value: Any) -> Any:

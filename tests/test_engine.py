@@ -72,7 +72,7 @@ def test_rerun_embeds_only_what_changed(image_folder, tmp_path):
     again = extract(cfg)
     assert (again.embedded, again.skipped, again.dropped) == (0, 10, 0)
 
-    new = make_image(image_folder / "cats" / "new.png", seed=99)
+    make_image(image_folder / "cats" / "new.png", seed=99)
     changed = make_image(image_folder / "dogs" / "001.png", size=(50, 70), seed=123)
     os.utime(changed, ns=(1, 1))  # a different mtime for certain, whatever the clock
     (image_folder / "cats" / "002.jpg").unlink()

@@ -216,6 +216,18 @@ def evaluate(index_dir: Path, embeddings: Path | None, as_json: bool, **options)
     type=click.IntRange(min=1),
     help="Override the tuned efSearch (HNSW) for this search.",
 )
+@click.option(
+    "--gallery",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw each query beside its neighbours into this PNG (QUERY_N suffixes for "
+    "several queries).",
+)
+@click.option(
+    "--images-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder the index's ids are relative to, for --gallery. Default: the folder the "
+    "embeddings were extracted from.",
+)
 @friendly_errors
 def search(
     index_dir: Path,
@@ -227,6 +239,8 @@ def search(
     exclude_self: bool,
     fmt: str | None,
     out: Path | None,
+    gallery: Path | None,
+    images_root: Path | None,
     **knobs,
 ) -> None:
     """The k nearest neighbours in the index at INDEX_DIR of query images (--image), of
@@ -274,9 +288,33 @@ def search(
     else:
         results = search_embeddings(opened, embeddings, k, exclude_self=exclude_self, **knobs)
     _write_results(results.to_arrow(), fmt, out)
+    if gallery is not None:
+        root = images_root or Path(opened.meta.get("source", ""))
+        if not root.is_dir():
+            raise click.UsageError("--gallery needs --images-root: the index does not record an image folder")
+        queries = {q: (Path(q) if images else root / q) for q in [*images, *ids, *more]}
+        _write_galleries(results.to_frame(), queries, root, gallery, k=k, opened=opened)
 
 
 # --- output ----------------------------------------------------------------------
+
+
+def _write_galleries(frame, queries: dict[str, Path], root: Path, target: Path, *, k: int, opened) -> None:
+    """One PNG per query: the query beside its neighbours, ranks, ids and scores."""
+    from ..explain import render_gallery
+    from ..store import atomic_write_bytes
+
+    w = opened.meta.get("weights", {})
+    title = f"{opened.meta.get('backbone')} ({w.get('name')}{'' if w.get('pretrained') else ', random init'})"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for n, (query_id, path) in enumerate(queries.items()):
+        rows = frame[frame["query_id"] == query_id]
+        neighbours = [(root / r.id, r.id, float(r.score)) for r in rows.itertuples()]
+        png = render_gallery(path, neighbours, title=f"{title}: nearest neighbours", k=k,
+                             query_id=query_id, score_name=str(opened.info.metric))
+        out = target if len(queries) == 1 else target.with_name(f"{target.stem}_{n}{target.suffix}")
+        atomic_write_bytes(png, out)
+        click.echo(f"gallery: {out}", err=True)
 
 
 def _build_lines(info) -> dict[str, str]:
