@@ -242,7 +242,7 @@ def build_meta(embedder: Embedder, config: ExtractConfig, runtime: Runtime) -> d
         "embedding_dtype": config.embedding_dtype.value,
         "normalize": config.normalize,
         "runtime": runtime.to_dict(),
-        "source": str(config.source.absolute()),  # where ids resolve to files (galleries)
+        "images": str(config.source.absolute()),  # where ids resolve to files (galleries)
         "versions": {
             "embedpipe": __version__,
             "torch": torch.__version__,

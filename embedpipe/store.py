@@ -58,7 +58,7 @@ _PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
 
 #: Metadata keys that describe *how* a run went rather than *what* the vectors are;
 #: they may differ between parts of one dataset.
-RUN_KEYS = frozenset({"versions", "created_at", "runtime", "part", "source"})
+RUN_KEYS = frozenset({"versions", "created_at", "runtime", "part", "images"})
 
 #: Parts hold about this many bytes of vectors, one row group each: large enough that
 #: reading is a few big sequential reads, small enough to buffer while extracting.

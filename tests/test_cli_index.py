@@ -359,3 +359,15 @@ def test_cli_choices_are_the_apis():
     # spelt out in the CLI so that `embedpipe --help` does not import FAISS
     assert list(cli_index.METRICS) == [m.value for m in Metric]
     assert list(cli_index.INDEX_KINDS) == [k.value for k in IndexKind]
+
+
+def test_gallery_draws_each_query_beside_its_neighbours(idx, images, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "viz" / "q.png"
+    ok("search", idx, "--id", "cats/000.jpg", "-k", "20", "--exclude-self", "--gallery", out)
+    img = Image.open(out)
+    assert img.format == "PNG" and img.width > 400  # the query and 7 neighbours (k > N)
+    ok("search", idx, "--image", images / "dogs" / "001.png", images / "cats" / "002.jpg",
+       "-k", "3", "--gallery", out)
+    assert (tmp_path / "viz" / "q_0.png").exists() and (tmp_path / "viz" / "q_1.png").exists()

@@ -289,7 +289,7 @@ def search(
         results = search_embeddings(opened, embeddings, k, exclude_self=exclude_self, **knobs)
     _write_results(results.to_arrow(), fmt, out)
     if gallery is not None:
-        root = images_root or Path(opened.meta.get("source", ""))
+        root = images_root or Path(opened.meta.get("images", ""))
         if not root.is_dir():
             raise click.UsageError("--gallery needs --images-root: the index does not record an image folder")
         queries = {q: (Path(q) if images else root / q) for q in [*images, *ids, *more]}
