@@ -16,7 +16,7 @@ def _commands(group: click.Group, ctx: click.Context, prefix: str):
     for name in sorted(group.list_commands(ctx)):
         cmd = group.get_command(ctx, name)
         path = f"{prefix} {name}"
-        sub = click.Context(cmd, info_name=name, parent=ctx)
+        sub = cmd.make_context(name, [], parent=ctx, resilient_parsing=True)
         if isinstance(cmd, click.Group):
             yield path, cmd, sub
             yield from _commands(cmd, sub, path)
@@ -26,7 +26,10 @@ def _commands(group: click.Group, ctx: click.Context, prefix: str):
 
 def reference() -> str:
     """The whole CLI as Markdown: one section per command with its usage and options."""
-    root = click.Context(main, info_name="embedpipe", terminal_width=100, max_content_width=100)
+    # contexts made as click makes them for `embedpipe ... --help`, so that the group's
+    # context_settings (-h, show_default) apply exactly as on the command line
+    root = main.make_context("embedpipe", [], resilient_parsing=True,
+                             terminal_width=100, max_content_width=100)
     out = ["# Command-line reference", "",
            "Generated from the commands by `python -m embedpipe.cli.reference`; do not edit.", ""]
     out += ["## embedpipe", "", "```", main.get_help(root).rstrip(), "```", ""]
