@@ -127,11 +127,14 @@ def normalize(
     return x.contiguous(memory_format=memory_format)
 
 
+_CPU = torch.device("cpu")
+
+
 def pixels_to_tensor(
     pixels: np.ndarray,
     preprocessing: Preprocessing,
     *,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = _CPU,
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """(B, H, W, C) uint8 numpy -> (B, C, H, W) normalised float32 on ``device``."""
