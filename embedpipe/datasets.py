@@ -56,8 +56,9 @@ def mnist_folder(
     return root
 
 
-#: scikit-image's colour photographs (name -> loader attribute in skimage.data)
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field", "immunohistochemistry")
+#: scikit-image's colour photographs (name -> loader attribute in skimage.data); its
+#: ``cat()`` is the same photo as ``chelsea()``, so it is left out
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
 def photo_folder(root: str | os.PathLike) -> Path:
