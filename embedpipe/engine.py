@@ -21,7 +21,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +28,7 @@ import torch
 
 from . import __version__
 from .backbones import Embedder, load_backbone
-from .config import DecodeMode, Device, EmbeddingDtype, ExtractConfig, Precision
+from .config import Device, ExtractConfig, Precision
 from .decode import Decoded, DecodeFailure, EncodedJPEG, decode_file
 from .errors import DeviceError, TooManyErrorsError
 from .loader import DecodePool
@@ -442,15 +441,10 @@ def embed_paths(paths: list[str | os.PathLike], meta: dict) -> tuple[np.ndarray,
         seed=weights.seed or 0,
         key_map=weights.key_map if weights.kind == WeightsKind.CHECKPOINT else None,
     )
+    # the settings that shape the vectors; the device, batch and workers are this machine's
     config = ExtractConfig(
-        source=Path("."),
-        out=Path("."),
-        backbone=meta["backbone"],
-        precision=Precision(meta["precision"]),
-        device=Device.AUTO,
-        decode=DecodeMode(meta["decode"]),
-        embedding_dtype=EmbeddingDtype(meta["embedding_dtype"]),
-        normalize=bool(meta["normalize"]),
+        source=".", out=".", backbone=meta["backbone"], precision=meta["precision"],
+        decode=meta["decode"], normalize=bool(meta["normalize"]),
     )
     forward = BatchEmbedder(embedder, plan(config), normalize=config.normalize)
     results = [

@@ -92,6 +92,8 @@ DEFAULT_UNFREEZE = {
 
 #: auxiliary classifier -> loss weight (Szegedy et al. 2015: 0.3; Inception v3 recipe: 0.4)
 AUX_WEIGHT = {"aux1": 0.3, "aux2": 0.3, "AuxLogits": 0.4}
+#: torchvision's training outputs (GoogLeNetOutputs, InceptionOutputs) -> the aux module
+_AUX_OUTPUT = {"aux_logits1": "aux1", "aux_logits2": "aux2", "aux_logits": "AuxLogits"}
 
 
 @dataclass(frozen=True)
@@ -320,10 +322,10 @@ def _loss(outputs, y: torch.Tensor, criterion: nn.Module) -> tuple[torch.Tensor,
     if isinstance(outputs, tuple) and hasattr(outputs, "_fields"):  # GoogLeNet/InceptionOutputs
         main = outputs.logits
         loss = criterion(main, y)
-        for field in outputs._fields:
-            if field.startswith("aux") and getattr(outputs, field) is not None:
-                weight = 0.3 if "aux_logits1" in outputs._fields else 0.4
-                loss = loss + weight * criterion(getattr(outputs, field), y)
+        for field, module in _AUX_OUTPUT.items():
+            aux = getattr(outputs, field, None)
+            if aux is not None:
+                loss = loss + AUX_WEIGHT[module] * criterion(aux, y)
         return loss, main
     return criterion(outputs, y), outputs
 

@@ -482,6 +482,12 @@ class _PartSet:
         tables = [pq.read_table(p, columns=columns) for p in self.parts()]
         return pa.concat_tables(tables) if tables else self.schema.empty_table().select(columns)
 
+    def file_stats(self) -> dict[str, tuple[int, int]]:
+        """id -> (size, mtime_ns) of the source file, for every committed row."""
+        t = self.read_columns(["id", "size", "mtime_ns"])
+        ids, sizes, mtimes = (t.column(c).to_pylist() for c in ("id", "size", "mtime_ns"))
+        return dict(zip(ids, zip(sizes, mtimes)))
+
     def drop(self, ids: set[str]) -> int:
         """Rewrite the parts holding any of ``ids`` without those rows."""
         dropped = 0
@@ -600,13 +606,11 @@ class DatasetWriter:
 
     def embedded(self) -> dict[str, tuple[int, int]]:
         """id -> (size, mtime_ns) of every committed embedding."""
-        t = self.embeddings.read_columns(["id", "size", "mtime_ns"])
-        return dict(zip(t.column("id").to_pylist(), zip(t.column("size").to_pylist(), t.column("mtime_ns").to_pylist())))
+        return self.embeddings.file_stats()
 
     def errored(self) -> dict[str, tuple[int, int]]:
         """id -> (size, mtime_ns) of every recorded error."""
-        t = self.errors.read_columns(["id", "size", "mtime_ns"])
-        return dict(zip(t.column("id").to_pylist(), zip(t.column("size").to_pylist(), t.column("mtime_ns").to_pylist())))
+        return self.errors.file_stats()
 
     def append(self, table: pa.Table) -> None:
         self.embeddings.append(table)
