@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import platform
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ import torch
 
 from . import __version__
 from .backbones import Embedder, load_backbone
-from .config import Device, ExtractConfig, Precision
+from .config import DEFAULT_MAX_PIXELS, Device, ExtractConfig, Precision
 from .decode import Decoded, DecodeFailure, EncodedJPEG, decode_file
 from .errors import DeviceError, TooManyErrorsError
 from .loader import DecodePool
@@ -231,19 +232,20 @@ class ExtractSummary:
         )
 
 
-def build_meta(embedder: Embedder, config: ExtractConfig, runtime: Runtime) -> dict:
-    """The metadata written into every part: what made the vectors, and how the run went."""
+def build_meta(embedder: Embedder, config: ExtractConfig, runtime: dict) -> dict:
+    """The metadata written into every part: what made the vectors, and how the run went
+    (``runtime``: where and how it ran, which engine, devices, batch size)."""
     import PIL
     import pyarrow
     import torchvision
 
     return {
         **embedder.provenance(),
-        "precision": runtime.precision.value,
+        "precision": config.precision.value,
         "decode": config.decode.value,
         "embedding_dtype": config.embedding_dtype.value,
         "normalize": config.normalize,
-        "runtime": runtime.to_dict(),
+        "runtime": runtime,
         "images": str(config.source.absolute()),  # where ids resolve to files (galleries)
         "versions": {
             "embedpipe": __version__,
@@ -257,17 +259,49 @@ def build_meta(embedder: Embedder, config: ExtractConfig, runtime: Runtime) -> d
     }
 
 
-def _error_limit(max_errors: float | None, todo: int) -> int | None:
+def error_limit(max_errors: float | None, todo: int) -> int | None:
+    """``--max-errors`` as a number of images: a count, or a fraction of ``todo`` below 1."""
     if max_errors is None:
         return None
     return int(max_errors) if max_errors >= 1 or max_errors == 0 else math.ceil(max_errors * todo)
 
 
-def _preprocessing(embedder: Embedder, config: ExtractConfig) -> Preprocessing:
+def too_many_errors(config: ExtractConfig, summary: ExtractSummary) -> TooManyErrorsError:
+    return TooManyErrorsError(
+        f"stopped after {summary.errors} unreadable images (more than --max-errors "
+        f"{config.max_errors:g} allows): {summary.errors_by_type}. The {summary.embedded} "
+        f"images embedded so far are saved in {config.out}; see {config.out}/_errors/ "
+        "for the failures, then re-run to continue."
+    )
+
+
+def load_embedder(config: ExtractConfig) -> Embedder:
+    """The frozen backbone of a job, with ``--resize-size``/``--crop-size`` applied."""
+    embedder = load_backbone(
+        config.backbone, weights=config.weights, layer=config.layer, seed=config.seed,
+        key_map=config.weights_key_map,
+    )
     p = embedder.preprocessing
     if config.resize_size or config.crop_size:
         p = replace(p, resize_size=config.resize_size or p.resize_size, crop_size=config.crop_size or p.crop_size)
-    return p
+    embedder.preprocessing = p
+    return embedder
+
+
+def pending(writer: DatasetWriter, records: list[ImageRecord]) -> tuple[list[ImageRecord], int]:
+    """What a (re-)run still has to do: ``(records to embed, rows dropped)``.
+
+    Images already embedded or recorded as errors with the same size and mtime are
+    skipped; rows of changed or deleted files are dropped from the dataset, and changed
+    files embedded again.
+    """
+    embedded, errored = writer.embedded(), writer.errored()
+    current = {r.id: (r.size, r.mtime_ns) for r in records}
+    stale = {i for i, st in embedded.items() if current.get(i) != st}
+    stale |= {i for i, st in errored.items() if current.get(i) != st}
+    dropped = sum(writer.drop(stale))
+    todo = [r for r in records if (r.id not in embedded and r.id not in errored) or r.id in stale]
+    return todo, dropped
 
 
 def _batches(
@@ -288,7 +322,7 @@ def _batches(
         yield ok, failed
 
 
-def _errors_table(failed: list[tuple[ImageRecord, DecodeFailure]]) -> pa.Table:
+def errors_table(failed: list[tuple[ImageRecord, DecodeFailure]]) -> pa.Table:
     return pa.Table.from_pylist(
         [
             {
@@ -314,13 +348,9 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
     """
     t0 = time.perf_counter()
     runtime = plan(config)
-    embedder = load_backbone(
-        config.backbone, weights=config.weights, layer=config.layer, seed=config.seed,
-        key_map=config.weights_key_map,
-    )
-    embedder.preprocessing = _preprocessing(embedder, config)
+    embedder = load_embedder(config)
     records = open_source(config.source)
-    meta = build_meta(embedder, config, runtime)
+    meta = build_meta(embedder, config, {"engine": "local", **runtime.to_dict()})
     torch.set_num_threads(runtime.threads)
     forward = BatchEmbedder(embedder, runtime, normalize=config.normalize)
     seconds = Counter({"load": time.perf_counter() - t0})
@@ -328,15 +358,7 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
     with DatasetWriter(
         config.out, meta, overwrite=config.overwrite, part_rows=config.part_rows
     ) as writer:
-        embedded, errored = writer.embedded(), writer.errored()
-        current = {r.id: (r.size, r.mtime_ns) for r in records}
-        stale = {i for i, st in embedded.items() if current.get(i) != st}
-        stale |= {i for i, st in errored.items() if current.get(i) != st}
-        dropped = sum(writer.drop(stale))
-        todo = [
-            r for r in records
-            if (r.id not in embedded and r.id not in errored) or r.id in stale
-        ]
+        todo, dropped = pending(writer, records)
         summary = ExtractSummary(
             out=str(config.out),
             images=len(records),
@@ -344,9 +366,9 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
             skipped=len(records) - len(todo),
             errors=0,
             dropped=dropped,
-            runtime=runtime.to_dict(),
+            runtime=meta["runtime"],
         )
-        limit = _error_limit(config.max_errors, len(todo))
+        limit = error_limit(config.max_errors, len(todo))
         errors_by_type: Counter[str] = Counter()
         log.info(
             "%s: %d images, %d to embed (%d already done) with %s on %s",
@@ -361,7 +383,7 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
             prefetch=2 * runtime.batch_size + 4 * runtime.workers,
             nice=runtime.worker_nice,
         )
-        with pool, _progress(len(todo), progress) as bar:
+        with pool, progress_bar(len(todo), progress) as bar:
             batches = _batches(pool.imap(todo), runtime.batch_size)
             while True:
                 t = time.perf_counter()
@@ -395,7 +417,7 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
                     seconds["write"] += time.perf_counter() - t
                     summary.embedded += len(ok)
                 if failed:
-                    writer.append_errors(_errors_table(failed))
+                    writer.append_errors(errors_table(failed))
                     errors_by_type.update(f.error_type.value for _, f in failed)
                     summary.errors += len(failed)
                     for r, f in failed:
@@ -407,55 +429,66 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
     seconds["total"] = time.perf_counter() - t0
     summary.seconds = dict(seconds)
     if limit is not None and summary.errors > limit:
-        raise TooManyErrorsError(
-            f"stopped after {summary.errors} unreadable images (more than --max-errors "
-            f"{config.max_errors:g} allows): {dict(errors_by_type)}. The {summary.embedded} "
-            f"images embedded so far are saved in {config.out}; see {config.out}/_errors/ "
-            "for the failures, then re-run to continue."
-        )
+        raise too_many_errors(config, summary)
     return summary
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.05)
 
 
-def embed_paths(paths: list[str | os.PathLike], meta: dict) -> tuple[np.ndarray, list[DecodeFailure | None]]:
-    """Embed image files exactly as the dataset described by ``meta`` was made.
+class QueryEmbedder:
+    """Embeds image files exactly as the dataset described by ``meta`` was made.
 
     For queries against an index: the same backbone, weights, layer, preprocessing,
-    precision and normalisation. Returns ``(vectors (n, D) float32, failures)`` where
-    ``failures[i]`` is ``None`` for images that were embedded; rows of failed images
-    are NaN.
+    precision and normalisation, loaded once (a service embeds many queries with one).
+    Calling it with paths returns ``(vectors (n, D) float32, failures)`` where
+    ``failures[i]`` is ``None`` for images that were embedded; rows of failed images are
+    NaN. Calls are serialised: one forward pass at a time uses every core already.
     """
-    from .backbones import WeightsInfo, WeightsKind
 
-    weights = WeightsInfo.from_dict(meta["weights"])
-    embedder = load_backbone(
-        meta["backbone"],
-        weights=weights.argument(),
-        layer=meta["layer"],
-        preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
-        seed=weights.seed or 0,
-        key_map=weights.key_map if weights.kind == WeightsKind.CHECKPOINT else None,
-    )
-    # the settings that shape the vectors; the device, batch and workers are this machine's
-    config = ExtractConfig(
-        source=".", out=".", backbone=meta["backbone"], precision=meta["precision"],
-        decode=meta["decode"], normalize=bool(meta["normalize"]),
-    )
-    forward = BatchEmbedder(embedder, plan(config), normalize=config.normalize)
-    results = [
-        decode_file(str(p), embedder.preprocessing, max_pixels=config.max_pixels, mode=config.decode)
-        for p in paths
-    ]
-    vectors = np.full((len(paths), embedder.dim), np.nan, np.float32)
-    failures = {i: r for i, r in enumerate(results) if isinstance(r, DecodeFailure)}
-    ok = [i for i in range(len(results)) if i not in failures]
-    if ok:
-        emb, rejected = forward.embed_items([results[i] for i in ok])
-        vectors[[i for j, i in enumerate(ok) if j not in rejected]] = emb
-        failures.update({ok[j]: f for j, f in rejected.items()})
-    return vectors, [failures.get(i) for i in range(len(paths))]
+    def __init__(self, meta: dict, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        from .backbones import WeightsInfo, WeightsKind
+
+        weights = WeightsInfo.from_dict(meta["weights"])
+        embedder = load_backbone(
+            meta["backbone"],
+            weights=weights.argument(),
+            layer=meta["layer"],
+            preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+            seed=weights.seed or 0,
+            key_map=weights.key_map if weights.kind == WeightsKind.CHECKPOINT else None,
+        )
+        # the settings that shape the vectors; the device, batch and workers are this machine's
+        config = ExtractConfig(
+            source=".", out=".", backbone=meta["backbone"], precision=meta["precision"],
+            decode=meta["decode"], normalize=bool(meta["normalize"]), max_pixels=max_pixels,
+        )
+        self.config = config
+        self.preprocessing = embedder.preprocessing
+        self.dim = embedder.dim
+        self.forward = BatchEmbedder(embedder, plan(config), normalize=config.normalize)
+        self._lock = threading.Lock()
+
+    def __call__(self, paths: list[str | os.PathLike]) -> tuple[np.ndarray, list[DecodeFailure | None]]:
+        results = [
+            decode_file(str(p), self.preprocessing, max_pixels=self.config.max_pixels, mode=self.config.decode)
+            for p in paths
+        ]
+        vectors = np.full((len(paths), self.dim), np.nan, np.float32)
+        failures = {i: r for i, r in enumerate(results) if isinstance(r, DecodeFailure)}
+        ok = [i for i in range(len(results)) if i not in failures]
+        if ok:
+            with self._lock:
+                emb, rejected = self.forward.embed_items([results[i] for i in ok])
+            vectors[[i for j, i in enumerate(ok) if j not in rejected]] = emb
+            failures.update({ok[j]: f for j, f in rejected.items()})
+        return vectors, [failures.get(i) for i in range(len(paths))]
+
+
+def embed_paths(paths: list[str | os.PathLike], meta: dict) -> tuple[np.ndarray, list[DecodeFailure | None]]:
+    """Embed image files exactly as the dataset described by ``meta`` was made (a
+    one-off :class:`QueryEmbedder`)."""
+    return QueryEmbedder(meta)(paths)

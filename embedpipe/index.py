@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import faiss
 import numpy as np
@@ -55,6 +55,9 @@ from .errors import (
     MetadataMismatchError,
     UnknownIdError,
 )
+
+if TYPE_CHECKING:
+    from .engine import QueryEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -1452,10 +1455,12 @@ def search_images(
     *,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    embedder: QueryEmbedder | None = None,
 ) -> tuple[SearchResults, list[QueryFailure]]:
     """Search with image files as queries, embedded exactly as the index's embeddings were
-    (backbone, weights, layer, preprocessing, precision: :func:`embedpipe.engine.embed_paths`
-    with :attr:`Index.meta`, the code path of extraction).
+    (backbone, weights, layer, preprocessing, precision: a
+    :class:`embedpipe.engine.QueryEmbedder` of :attr:`Index.meta`, the code path of
+    extraction). Pass ``embedder`` to reuse one loaded model across calls.
 
     Images that cannot be embedded are skipped and returned as failures; ``query_id`` is
     each path as given. Raises :class:`IndexInputError` when none could be embedded.
@@ -1470,10 +1475,12 @@ def search_images(
         )
     if not paths:
         raise IndexInputError("no query images given")
-    from .engine import embed_paths  # torch: loaded only when images are searched
+    if embedder is None:
+        from .engine import QueryEmbedder  # torch: loaded only when images are searched
 
+        embedder = QueryEmbedder(index.meta)
     queries = [str(p) for p in paths]
-    vectors, outcomes = embed_paths(queries, index.meta)
+    vectors, outcomes = embedder(queries)
     failures = [
         QueryFailure(query, str(outcome.error_type), outcome.message)
         for query, outcome in zip(queries, outcomes)
