@@ -67,6 +67,13 @@ class DecodeMode(Choice):
     DEVICE = "device"
 
 
+class Engine(Choice):
+    """What schedules an extraction: this process and its decode workers, or Ray Data."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+
 #: Pillow's own default warning threshold; above it an image is refused before decoding.
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -102,6 +109,11 @@ class ExtractConfig:
     crop_size: int | None = None
     seed: int = 0
     part_rows: int | None = None
+    # where the job runs: ``Engine.RAY`` takes the three options below (docs/ray.md)
+    engine: Engine = Engine.LOCAL
+    ray_address: str | None = None  # None: a Ray instance in this process; "auto": a cluster
+    concurrency: int | None = None  # model actors; None: one per GPU, or one on CPUs
+    num_gpus_per_worker: float = 0.0
 
     def __post_init__(self) -> None:
         # accept plain strings and paths from Python callers; store the Enum / Path
@@ -122,6 +134,18 @@ class ExtractConfig:
             raise ValueError(f"decode_timeout must be > 0 seconds, got {self.decode_timeout}")
         if self.max_errors is not None and self.max_errors < 0:
             raise ValueError(f"max_errors must be >= 0, got {self.max_errors}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.num_gpus_per_worker < 0:
+            raise ValueError(f"num_gpus_per_worker must be >= 0, got {self.num_gpus_per_worker}")
+        if self.engine != Engine.RAY:
+            ray_only = {
+                "ray_address": self.ray_address is not None,
+                "concurrency": self.concurrency is not None,
+                "num_gpus_per_worker": self.num_gpus_per_worker != 0,
+            }
+            if given := [k for k, v in ray_only.items() if v]:
+                raise ValueError(f"{', '.join(given)} only apply to engine 'ray'")
 
 
 _COERCE = {
@@ -132,4 +156,5 @@ _COERCE = {
     "precision": Precision,
     "decode": DecodeMode,
     "embedding_dtype": EmbeddingDtype,
+    "engine": Engine,
 }

@@ -152,3 +152,7 @@ class FinetuneError(EmbedpipeError, ValueError):
 
 class PipelineError(EmbedpipeError, ValueError):
     """A pipeline file that is not valid, or a step that failed."""
+
+
+class MissingDependencyError(EmbedpipeError, ImportError):
+    """An optional extra (``embedpipe[ray]``, ``embedpipe[serve]``) that is not installed."""

@@ -63,7 +63,8 @@ _DATASET_KEYS = {"images", "builtin", "digits", "per_class"}
 _STEP_KEYS: dict[str, tuple[set[str], set[str]]] = {
     "extract": ({"dataset", "backbone", "weights", "layer", "batch_size", "precision", "decode",
                  "embedding_dtype", "normalize", "seed", "resize_size", "crop_size", "workers",
-                 "weights_key_map", "max_errors"}, set()),
+                 "weights_key_map", "max_errors", "engine", "ray_address", "concurrency",
+                 "num_gpus_per_worker"}, set()),
     "finetune": ({"dataset", "backbone", "weights", "mode", "epochs", "lr", "backbone_lr_mult",
                   "unfreeze", "augment", "batch_size", "seed", "optimizer", "schedule",
                   "warmup_epochs", "weight_decay", "label_smoothing", "test_size", "val_size",
@@ -250,11 +251,14 @@ class _Runner:
     # one method per step kind: options in, files out under the step's folder
 
     def extract(self, step: Step, out: Path) -> str:
-        from .config import ExtractConfig
-        from .engine import extract
+        from .config import Engine, ExtractConfig
 
         o = {k: v for k, v in step.options.items() if k != "dataset"}
         o["weights"] = self.weights(step)
+        if o.get("engine") == Engine.RAY:
+            from .ray_engine import extract
+        else:
+            from .engine import extract
         # same metadata: resumes and updates; changed settings: replaces (the step's record
         # already says the old output is stale)
         s = extract(ExtractConfig(source=self.dataset_path(step.options["dataset"]), out=out, overwrite=True, **o),

@@ -1,0 +1,338 @@
+"""Extraction on Ray Data: the local engine's pieces, scheduled across a cluster.
+
+::
+
+    driver: list the source, open the dataset (lock, metadata check, what is missing)
+      -> ray.data.from_arrow(blocks of records)
+      -> map_batches(DecodeActor)   CPU actors; each decodes through a DecodePool of one
+                                    process, so a decoder that crashes or hangs costs one
+                                    image, recorded as an error (as in the local engine)
+      -> map_batches(EmbedActor)    one frozen model per actor, ``num_gpus`` each on GPUs
+      -> driver: iter_batches -> DatasetWriter (journal per batch, atomic parts)
+
+Ray does the scheduling, backpressure and fault tolerance: an actor that dies is
+restarted and its batch retried (Ray Data's actor defaults, ``max_restarts=-1`` and
+``max_task_retries=-1``), and no block is ever skipped (``max_errored_blocks`` stays 0:
+an unreadable image is a row of ``_errors/``, not a lost block). Results are written by
+the driver through the same :class:`~embedpipe.store.DatasetWriter` as the local engine,
+so the dataset, its metadata, its lock and resuming after a killed driver are the same.
+The embeddings cross the object store once (a few KB per image), the pixels stay between
+the decode and model actors.
+
+Ray is an optional extra; nothing else in the package imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from .config import DecodeMode, Device, ExtractConfig
+from .decode import Decoded
+from .engine import (
+    BatchEmbedder,
+    ExtractSummary,
+    build_meta,
+    cpu_count,
+    error_limit,
+    load_embedder,
+    pending,
+    plan,
+    progress_bar,
+    too_many_errors,
+)
+from .errors import MissingDependencyError
+from .loader import DecodePool
+from .preprocess import Preprocessing
+from .sources import ImageRecord, open_source
+from .store import ERRORS_SCHEMA, DatasetWriter, embeddings_table
+
+if TYPE_CHECKING:
+    import ray
+
+log = logging.getLogger(__name__)
+
+#: images per decode call: ~10 MB of 224 x 224 pixels, well under Ray's block target
+DECODE_BATCH = 64
+
+
+
+def import_ray():
+    """``ray`` with Ray Data, or an error that says how to install it."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"--engine ray needs Ray Data ({e}); install it with: pip install \"embedpipe[ray]\""
+        ) from e
+    return ray
+
+
+# --- the actors ----------------------------------------------------------------------
+
+
+class DecodeActor:
+    """Records -> pixels (B, crop, crop, C) uint8 plus per-row decode results.
+
+    Rows that fail to decode keep zero pixels and name the error in ``error_type``
+    (``""`` for success); they travel on so the driver records them.
+    """
+
+    def __init__(
+        self, preprocessing: Preprocessing, mode: DecodeMode, max_pixels: int, timeout: float, nice: int
+    ) -> None:
+        self.shape = (preprocessing.crop_size, preprocessing.crop_size, preprocessing.channels)
+        self.pool = DecodePool(
+            preprocessing, workers=1, mode=mode, max_pixels=max_pixels, timeout=timeout, nice=nice
+        ).__enter__()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        out = {
+            "pixels": np.zeros((n, *self.shape), np.uint8),
+            "width": np.full(n, -1, np.int32),
+            "height": np.full(n, -1, np.int32),
+            "content_hash": np.full(n, "", object),
+            "error_type": np.full(n, "", object),
+            "message": np.full(n, "", object),
+        }
+        records = [ImageRecord(str(i), str(p), None, -1, -1) for i, p in zip(batch["id"], batch["path"])]
+        for row, (_, result) in enumerate(self.pool.imap(records)):
+            if isinstance(result, Decoded):
+                out["pixels"][row] = result.pixels.reshape(self.shape)
+                out["width"][row], out["height"][row] = result.width, result.height
+                out["content_hash"][row] = result.content_hash
+            else:
+                out["error_type"][row] = result.error_type.value
+                out["message"][row] = result.message
+        return {"id": batch["id"], **out}
+
+    def __del__(self) -> None:
+        self.pool.__exit__(None, None, None)
+
+
+class EmbedActor:
+    """Decoded rows -> the same rows with ``vector`` (B, D) float32, pixels dropped.
+
+    Loads the frozen backbone once, on the GPU Ray assigned to it when it has one.
+    """
+
+    def __init__(self, config: ExtractConfig, threads: int) -> None:
+        import torch
+
+        runtime = replace(plan(config), threads=threads)
+        if runtime.device == "cpu":
+            torch.set_num_threads(threads)
+        self.forward = BatchEmbedder(load_embedder(config), runtime, normalize=config.normalize)
+        self.dim = self.forward.model.dim
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["error_type"] == ""
+        vectors = np.zeros((len(ok), self.dim), np.float32)
+        if ok.any():
+            vectors[ok] = self.forward(batch["pixels"][ok])
+        return {**{k: v for k, v in batch.items() if k != "pixels"}, "vector": vectors}
+
+
+# --- the driver ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[ray]:
+    """Connect to ``address`` (or start Ray in this process); shut down what we started.
+
+    A Ray instance the caller already initialised is used as it is and left running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(
+        address=address,
+        num_cpus=cpu_count() if address is None else None,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Ray Data logs each execution's start, plan and end; the driver's one progress bar
+    and summary line say what a user needs (Ray's own logs keep the rest)."""
+    logger = logging.getLogger(logger_name)
+    before = logger.level
+    logger.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+def _records_blocks(records: list[ImageRecord], cpus: int) -> list[pa.Table]:
+    """Ids and paths as Arrow blocks, a few per CPU so that every decode actor has work.
+
+    The rest of each record (label, size, mtime) stays on the driver, keyed by id.
+    """
+    table = pa.table({"id": [r.id for r in records], "path": [r.path for r in records]})
+    rows = min(1024, max(8, math.ceil(len(records) / (4 * cpus))))
+    return [table.slice(i, rows) for i in range(0, len(records), rows)]
+
+
+def _errors(batch: dict[str, np.ndarray], records: list[ImageRecord]) -> pa.Table:
+    return pa.table(
+        {
+            "id": [r.id for r in records],
+            "path": [r.path for r in records],
+            "error_type": batch["error_type"].tolist(),
+            "message": batch["message"].tolist(),
+            "size": [r.size for r in records],
+            "mtime_ns": [r.mtime_ns for r in records],
+        },
+        schema=ERRORS_SCHEMA,
+    )
+
+
+def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
+    """Embed every image of ``config.source`` into ``config.out`` with Ray Data.
+
+    The dataset is the one :func:`embedpipe.engine.extract` writes (same rows, schema
+    and metadata, up to the recorded runtime), and the same guarantees hold: unreadable
+    images become error records, a re-run embeds only what is missing.
+    """
+    if config.decode == DecodeMode.DEVICE:
+        raise ValueError(
+            "--decode device is for the local engine; on Ray, images are decoded by CPU "
+            "actors (use draft or full) and the GPUs only run the model"
+        )
+    if config.num_gpus_per_worker and config.device == Device.CPU:
+        raise ValueError("--num-gpus-per-worker asks for GPUs, but --device cpu keeps the model off them")
+    import_ray()
+    t0 = time.perf_counter()
+    embedder = load_embedder(config)  # fails fast on missing weights, before any cluster work
+    records = open_source(config.source)
+    seconds: Counter[str] = Counter()
+    with ray_session(config.ray_address) as ray, _quiet("ray.data"):
+        import ray.data
+
+        cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+        gpus = config.num_gpus_per_worker > 0
+        concurrency = config.concurrency or (
+            max(1, int(ray.cluster_resources().get("GPU", 0) // config.num_gpus_per_worker)) if gpus else 1
+        )
+        # CPU model actors share the node with the decoders, as in the local engine: the
+        # forward pass takes the cores, low-priority decoders fill the gaps
+        threads = 4 if gpus else max(1, cpu_count() // concurrency)
+        batch_size = config.batch_size or (128 if gpus else 8)
+        runtime = {
+            "engine": "ray",
+            "ray_address": config.ray_address,
+            "device": "cuda" if gpus else "cpu",
+            "precision": config.precision.value,
+            "batch_size": batch_size,
+            "concurrency": concurrency,
+            "num_gpus_per_worker": config.num_gpus_per_worker,
+            "threads": threads,
+            "cluster_cpus": cluster_cpus,
+        }
+        meta = build_meta(embedder, config, runtime)
+        preprocessing = embedder.preprocessing
+        del embedder  # the actors load their own
+        seconds["load"] = time.perf_counter() - t0
+
+        with DatasetWriter(config.out, meta, overwrite=config.overwrite, part_rows=config.part_rows) as writer:
+            todo, dropped = pending(writer, records)
+            summary = ExtractSummary(
+                out=str(config.out), images=len(records), embedded=0,
+                skipped=len(records) - len(todo), errors=0, dropped=dropped, runtime=runtime,
+            )
+            limit = error_limit(config.max_errors, len(todo))
+            errors_by_type: Counter[str] = Counter()
+            log.info("%s: %d images, %d to embed on Ray (%d CPUs, %d model actors)",
+                     config.out, len(records), len(todo), cluster_cpus, concurrency)
+            if todo:
+                ctx = ray.data.DataContext.get_current()
+                ctx.enable_progress_bars = False  # the driver shows one bar, in images
+                ctx.print_on_execution_start = False
+                ds = (
+                    ray.data.from_arrow(_records_blocks(todo, cluster_cpus))
+                    .map_batches(
+                        DecodeActor,
+                        fn_constructor_args=(
+                            preprocessing, config.decode, config.max_pixels,
+                            config.decode_timeout, 0 if gpus else 10,
+                        ),
+                        batch_size=DECODE_BATCH,
+                        batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(
+                            min_size=1, max_size=max(1, cluster_cpus - (0 if gpus else concurrency))
+                        ),
+                        num_cpus=1,
+                    )
+                    .map_batches(
+                        EmbedActor,
+                        fn_constructor_args=(config, threads),
+                        batch_size=batch_size,
+                        batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=concurrency),
+                        num_cpus=1,
+                        num_gpus=config.num_gpus_per_worker,
+                    )
+                )
+                by_id = {r.id: r for r in todo}
+                batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+                with progress_bar(len(todo), progress) as bar, contextlib.closing(batches):
+                    while True:
+                        t = time.perf_counter()
+                        batch = next(batches, None)
+                        seconds["wait"] += time.perf_counter() - t
+                        if batch is None:
+                            break
+                        t = time.perf_counter()
+                        ok = batch["error_type"] == ""
+                        if ok.any():
+                            done = [by_id[i] for i in batch["id"][ok]]
+                            writer.append(
+                                embeddings_table(
+                                    ids=[r.id for r in done],
+                                    labels=[r.label for r in done],
+                                    vectors=batch["vector"][ok].astype(config.embedding_dtype.value),
+                                    width=batch["width"][ok],
+                                    height=batch["height"][ok],
+                                    size=[r.size for r in done],
+                                    mtime_ns=[r.mtime_ns for r in done],
+                                    content_hash=batch["content_hash"][ok].tolist(),
+                                    schema=writer.schema,
+                                )
+                            )
+                        if not ok.all():
+                            failed = {k: v[~ok] for k, v in batch.items()}
+                            writer.append_errors(_errors(failed, [by_id[i] for i in failed["id"]]))
+                            errors_by_type.update(failed["error_type"].tolist())
+                        seconds["write"] += time.perf_counter() - t
+                        summary.embedded += int(ok.sum())
+                        summary.errors += int((~ok).sum())
+                        bar.update(len(ok))
+                        if limit is not None and summary.errors > limit:
+                            break
+    summary.errors_by_type = dict(errors_by_type)
+    seconds["total"] = time.perf_counter() - t0
+    summary.seconds = dict(seconds)
+    if limit is not None and summary.errors > limit:
+        raise too_many_errors(config, summary)
+    return summary
+

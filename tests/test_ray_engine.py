@@ -1,0 +1,179 @@
+"""The Ray Data engine against the local engine: same dataset, same guarantees.
+
+One local Ray instance (2 CPUs) serves the whole module; the engine uses an instance
+it finds running and leaves it be.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from conftest import make_image
+from PIL import Image
+
+from embedpipe import engine
+from embedpipe.cli import main
+from embedpipe.config import ExtractConfig
+from embedpipe.errors import MissingDependencyError
+from embedpipe.store import identity, read_embeddings, read_errors
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.ray
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def ray_instance(tmp_path_factory):
+    flag = tmp_path_factory.mktemp("flags") / "died"
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {
+            # the workers import the user backbones of tests/ and see where to mark a death
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "EMBEDPIPE_TEST_DIE_FLAG": str(flag),
+        }},
+    )
+    os.environ["EMBEDPIPE_TEST_DIE_FLAG"] = str(flag)  # for the local engine's reference run
+    yield flag
+    ray.shutdown()
+
+
+def _run_ray(**options):
+    from embedpipe import ray_engine
+
+    return ray_engine.extract(ExtractConfig(engine="ray", **options))
+
+
+def _by_id(e):
+    order = np.argsort(e.ids)
+    return [e.ids[i] for i in order], [e.labels[i] for i in order], e.vectors[order]
+
+
+@pytest.fixture
+def messy_folder(image_folder: Path) -> Path:
+    """The two-class folder plus files that cannot be embedded, and a red image."""
+    (image_folder / "cats" / "notes.jpg").write_text("not an image")
+    (image_folder / "dogs" / "empty.png").write_bytes(b"")
+    data = (image_folder / "cats" / "000.jpg").read_bytes()
+    (image_folder / "dogs" / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    Image.new("RGB", (50, 40), (255, 0, 0)).save(image_folder / "dogs" / "red.png")
+    return image_folder
+
+
+def test_ray_dataset_equals_the_local_engines(ray_instance, messy_folder, tmp_path):
+    torch.manual_seed(7)
+    ckpt = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), ckpt)
+    options = dict(source=messy_folder, backbone="resnet18", weights=str(ckpt), resize_size=72,
+                   crop_size=64, batch_size=4)
+    local = engine.extract(ExtractConfig(out=tmp_path / "local", workers=1, **options))
+    remote = _run_ray(out=tmp_path / "ray", **options)
+
+    assert (remote.embedded, remote.errors) == (local.embedded, local.errors) == (11, 3)
+    assert remote.errors_by_type == local.errors_by_type
+    a, b = read_embeddings(tmp_path / "local"), read_embeddings(tmp_path / "ray")
+    ids_a, labels_a, x_a = _by_id(a)
+    ids_b, labels_b, x_b = _by_id(b)
+    assert ids_b == ids_a and labels_b == labels_a
+    np.testing.assert_allclose(x_b, x_a, rtol=1e-4, atol=1e-5)
+    assert identity(b.meta) == identity(a.meta)
+    assert b.meta["weights"]["kind"] == "checkpoint" and b.meta["runtime"]["engine"] == "ray"
+    ea, eb = (read_errors(tmp_path / d).sort_values("id").reset_index(drop=True) for d in ("local", "ray"))
+    assert eb[["id", "error_type", "size"]].equals(ea[["id", "error_type", "size"]])
+
+
+def test_a_model_actor_killed_mid_run_still_yields_the_complete_dataset(ray_instance, messy_folder, tmp_path):
+    assert not ray_instance.exists()
+    options = dict(source=messy_folder, backbone="userbackbone:build_dies_once", weights="none", batch_size=2)
+    s = _run_ray(out=tmp_path / "ray", **options)
+    assert ray_instance.exists(), "the actor did not die: the test tested nothing"
+    assert (s.embedded, s.errors) == (11, 3)
+    engine.extract(ExtractConfig(out=tmp_path / "local", workers=1, **options))
+    ids_a, _, x_a = _by_id(read_embeddings(tmp_path / "local"))
+    ids_b, _, x_b = _by_id(read_embeddings(tmp_path / "ray"))
+    assert ids_b == ids_a and len(set(ids_b)) == 11  # every readable image, once
+    np.testing.assert_allclose(x_b, x_a, rtol=1e-5, atol=1e-6)
+
+
+def test_a_rerun_embeds_only_what_is_missing(ray_instance, image_folder, tmp_path):
+    options = dict(source=image_folder, out=tmp_path / "emb", backbone="userbackbone:build", weights="none")
+    first = _run_ray(**options)
+    assert (first.embedded, first.skipped) == (10, 0)
+    make_image(image_folder / "cats" / "new.jpg", seed=99)
+    (image_folder / "dogs" / "000.jpg").unlink()
+    second = _run_ray(**options)
+    assert (second.embedded, second.skipped, second.dropped) == (1, 9, 1)
+    ids = read_embeddings(tmp_path / "emb").ids
+    assert sorted(ids) == sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.*"))
+
+
+@pytest.mark.slow
+def test_a_killed_driver_is_finished_by_the_rerun(ray_instance, image_folder, tmp_path):
+    # Ray Data hands the driver a block per decode batch (64 images): make several
+    for i in range(200):
+        make_image(image_folder / "cats" / f"more{i:03d}.png", size=(40, 30), seed=100 + i)
+    out = tmp_path / "emb"
+    cmd = [sys.executable, "-m", "embedpipe", "extract", str(image_folder), "--out", str(out),
+           "--backbone", "userbackbone:build_slow", "--weights", "none", "--batch-size", "2",
+           "--engine", "ray"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    # its own session, so the kill takes the Ray instance it started too, as a lost node would
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("_journal/*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    output = proc.communicate()[0].decode()
+    assert list(out.glob("_journal/*")), f"no batch was written before the kill: {output}"
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    e = read_embeddings(out)
+    assert sorted(e.ids) == sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.*"))
+    assert "already done" in r.stdout and not r.stdout.startswith("0 embedded, 0 already")
+
+
+def test_cli_runs_the_ray_engine_on_an_unlabelled_folder(ray_instance, tmp_path):
+    for i in range(10):
+        make_image(tmp_path / "flat" / f"{i}.jpg", seed=i)
+    r = CliRunner().invoke(main, ["extract", str(tmp_path / "flat"), "--out", str(tmp_path / "e"),
+                                  "--backbone", "userbackbone:build", "--weights", "none",
+                                  "--engine", "ray", "--concurrency", "1"])
+    assert r.exit_code == 0, r.output
+    assert "10 embedded, 0 already done, 0 errors" in r.output
+    e = read_embeddings(tmp_path / "e")
+    assert e.meta["runtime"]["concurrency"] == 1 and list(e.labels) == [None] * 10
+
+
+def test_ray_options_need_the_ray_engine(image_folder, tmp_path):
+    r = CliRunner().invoke(main, ["extract", str(image_folder), "--out", str(tmp_path / "e"),
+                                  "--backbone", "lenet5", "--ray-address", "auto"])
+    assert r.exit_code == 2 and "ray_address only apply to engine 'ray'" in r.output
+
+
+def test_missing_ray_says_how_to_install_it(image_folder, tmp_path, monkeypatch):
+    from embedpipe import ray_engine
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MissingDependencyError, match=r'pip install "embedpipe\[ray\]"'):
+        ray_engine.extract(ExtractConfig(source=image_folder, out=tmp_path / "e", backbone="lenet5",
+                                         weights="none", engine="ray"))
+
+
+def test_the_core_never_imports_ray():
+    code = ("import sys, embedpipe.engine, embedpipe.pipeline, embedpipe.cli; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
