@@ -3,20 +3,32 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench docs-images clean
 
 install:
 	$(PIP) install -q -e ".[test]"
+
+# Debian's Chromium for the search page's browser test (Playwright drives it; these
+# machines cannot download Playwright's own browser). Needs root and apt; elsewhere install
+# any Chromium on PATH. Without one the test skips locally and fails under CI=true.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "warning: could not install chromium; the browser test will skip (CI fails it)"
 
 demo: install
 	$(PYTHON) -m embedpipe run pipelines/demo.toml
 	@echo "report: demo-output/transfer/report.html  galleries: demo-output/gallery/"
 
-test: install
+test: install browser
 	$(PYTHON) -m pytest -q
 
 bench:
 	$(PYTHON) benchmarks/extract.py
+
+# refresh the screenshot of the search page in docs/images/ from the browser test
+docs-images: install browser
+	EMBEDPIPE_UPDATE_DOCS=1 $(PYTHON) -m pytest -q tests/test_serve.py -k browser
 
 clean:
 	rm -rf demo-output .pytest_cache build *.egg-info

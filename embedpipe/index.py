@@ -965,6 +965,20 @@ class Index:
     def __len__(self) -> int:
         return self.info.count
 
+    def __contains__(self, id_: object) -> bool:
+        """Whether the index holds a row with this id."""
+        try:
+            return id_ in self._lookup
+        except TypeError:  # unhashable
+            return False
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The label of each row (None where unlabelled), in row order; read-only."""
+        view = self._labels.view()
+        view.flags.writeable = False
+        return view
+
     def __repr__(self) -> str:
         info = self.info
         return f"Index({info.factory!r}, {info.count:,} x {info.dim}, metric={info.metric})"

@@ -32,3 +32,4 @@ from . import finetune as _finetune  # noqa: E402,F401
 from . import probe as _probe  # noqa: E402,F401
 from . import explain as _explain  # noqa: E402,F401
 from . import pipeline as _pipeline  # noqa: E402,F401
+from . import serve as _serve  # noqa: E402,F401

@@ -1,0 +1,343 @@
+"""Image search as a service: an HTTP API and one web page over an index.
+
+::
+
+    GET  /                      the page (self-contained HTML/JS, no CDN)
+    POST /api/search?k=&nprobe=&ef_search=   multipart ``image``: search by upload
+    GET  /api/search?id=&k=...  search from a row of the index
+    GET  /api/thumbnail?id=&size=            a JPEG thumbnail, cached on disk
+    GET  /api/info              the index's metadata
+    GET  /healthz, /metrics     liveness, Prometheus counters and latency histograms
+
+The handlers call the Python API the CLI calls (:func:`embedpipe.index.search_images`
+and :meth:`Index.search_ids`), with one :class:`~embedpipe.engine.QueryEmbedder` loaded
+at start-up. What a client sends is never a path: images are served by id, looked up
+in the index and resolved under ``images_root`` with the real path checked to stay
+inside it; uploads are size-capped and decoded by the extraction decoder (format
+allow-list, pixel cap). Search-effort parameters go to FAISS per call, so concurrent
+requests never see each other's settings.
+
+FastAPI, uvicorn and prometheus_client are the optional extra ``embedpipe[serve]``;
+nothing else in the package imports this module.
+"""
+
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+from .decode import ErrorType, open_image
+from .errors import EmbedpipeError, IndexInputError, MissingDependencyError
+from .index import Index, search_images
+from .store import atomic_write_bytes
+
+try:
+    import prometheus_client as prom
+    from fastapi import FastAPI, HTTPException, Query, Request, UploadFile
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+except ImportError as e:  # pragma: no cover - exercised by test_serve's missing-extra test
+    raise MissingDependencyError(
+        f"embedpipe serve needs FastAPI, uvicorn and prometheus_client ({e}); install them "
+        'with: pip install "embedpipe[serve]"'
+    ) from e
+
+log = logging.getLogger("embedpipe.serve")
+access_log = logging.getLogger("embedpipe.serve.access")
+
+PAGE = Path(__file__).parent / "static" / "search.html"
+THUMBNAIL_SIZES = (16, 1024)  # smallest and largest ?size=
+MAX_ID_LENGTH = 4096
+
+#: decode failures of an upload -> HTTP status (everything else is 400)
+_UPLOAD_STATUS = {
+    ErrorType.TOO_MANY_PIXELS: 413,
+    ErrorType.NOT_AN_IMAGE: 415,
+    ErrorType.EMPTY_FILE: 400,
+}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``embedpipe serve`` was asked to serve, and its limits."""
+
+    index: Path
+    images: Path | None = None  # None: the image folder the index records
+    max_k: int = 100
+    max_upload_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+    cache_dir: Path | None = None  # None: <index>/.thumbnails
+
+    def to_json(self) -> str:
+        return json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ServeConfig":
+        d = json.loads(text)
+        for key in ("index", "images", "cache_dir"):
+            if d[key] is not None:
+                d[key] = Path(d[key])
+        return cls(**d)
+
+
+@dataclass
+class _Metrics:
+    registry: prom.CollectorRegistry = field(default_factory=prom.CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.requests = prom.Counter(
+            "embedpipe_http_requests", "HTTP requests by route, method and status",
+            ["route", "method", "status"], registry=self.registry,
+        )
+        self.latency = prom.Histogram(
+            "embedpipe_http_request_duration_seconds", "Request latency by route", ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry,
+        )
+
+
+class ImageResolver:
+    """Ids -> files under one root; never a path that leaves it.
+
+    An id must be a row of the index (so ``../x``, absolute paths, NULs and ids the
+    index never held are refused before the file system is touched), and the real path
+    of ``root / id`` (symlinks followed) must still lie under the real root.
+    """
+
+    def __init__(self, root: Path, index: Index) -> None:
+        self.root = Path(os.path.realpath(root))
+        self.index = index
+
+    def check_id(self, image_id: str) -> str:
+        if not image_id or len(image_id) > MAX_ID_LENGTH or "\x00" in image_id:
+            raise HTTPException(400, "an id is 1 to 4096 characters without NUL")
+        parts = image_id.replace("\\", "/").split("/")
+        if image_id.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            raise HTTPException(400, "ids are relative paths inside the image folder, without '..'")
+        if image_id not in self.index:
+            raise HTTPException(404, f"the index holds no id {image_id!r}")
+        return image_id
+
+    def path(self, image_id: str) -> Path:
+        real = Path(os.path.realpath(self.root / self.check_id(image_id)))
+        if not real.is_relative_to(self.root):
+            raise HTTPException(403, f"{image_id!r} resolves outside the image folder")
+        if not real.is_file():
+            raise HTTPException(404, f"the image of {image_id!r} is no longer in the image folder")
+        return real
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    """The ASGI app serving ``config.index``. Loads the index and the query model once."""
+    from .engine import QueryEmbedder
+
+    index = Index.open(config.index)
+    images = config.images or (Path(index.meta["images"]) if index.meta.get("images") else None)
+    if images is None or not images.is_dir():
+        raise IndexInputError(
+            f"no image folder to serve thumbnails from ({images}); pass --images IMAGES_ROOT"
+        )
+    embedder = QueryEmbedder(index.meta, max_pixels=config.max_pixels) if "backbone" in index.meta else None
+    resolver = ImageResolver(images, index)
+    cache = config.cache_dir or config.index / ".thumbnails"
+    cache.mkdir(parents=True, exist_ok=True)
+    knob = index.info.tuning.knob if index.info.tuning else None
+    metrics = _Metrics()
+    info = {
+        "index": str(config.index),
+        "images": str(images),
+        "count": index.info.count,
+        "dim": index.info.dim,
+        "metric": str(index.info.metric),
+        "factory": index.info.factory,
+        "kind": index.info.kind,
+        "search_parameter": str(knob) if knob else None,
+        "search_parameter_default": index.info.tuning.value if index.info.tuning else None,
+        "max_k": config.max_k,
+        "can_search_images": embedder is not None,
+        "backbone": index.meta.get("backbone"),
+        "weights": index.meta.get("weights"),
+        "layer": index.meta.get("layer"),
+        "labels": sorted({str(x) for x in index.labels if x is not None}),
+    }
+
+    app = FastAPI(title="embedpipe search", version="1", docs_url="/api/docs", redoc_url=None)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t = time.perf_counter()
+        response = await call_next(request)
+        seconds = time.perf_counter() - t
+        route = request.scope.get("route")
+        name = route.path if route is not None else "unmatched"
+        metrics.requests.labels(name, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(name).observe(seconds)
+        access_log.info(json.dumps({
+            "method": request.method, "path": request.url.path, "route": name,
+            "status": response.status_code, "ms": round(seconds * 1000, 2),
+            "client": request.client.host if request.client else None,
+        }))
+        return response
+
+    @app.exception_handler(EmbedpipeError)
+    async def bad_request(request: Request, exc: EmbedpipeError):
+        # the library's typed errors reaching a handler are the request's fault
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    K = Annotated[int, Query(ge=1, le=config.max_k, description="neighbours to return")]
+    Effort = Annotated[int | None, Query(ge=1, le=1_000_000)]
+
+    def effort(nprobe: int | None, ef_search: int | None) -> dict:
+        return {"nprobe": nprobe, "ef_search": ef_search}
+
+    def answer(results, query_id: str, k: int, params: dict) -> dict:
+        frame = results.to_frame()
+        frame["query_id"] = query_id
+        return {
+            "query_id": query_id,
+            "k": k,
+            "params": {key: v for key, v in params.items() if v is not None},
+            "results": json.loads(frame.to_json(orient="records")),
+        }
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return PAGE.read_text(encoding="utf-8")
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "count": index.info.count}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(prom.generate_latest(metrics.registry), media_type=prom.CONTENT_TYPE_LATEST)
+
+    @app.get("/api/info")
+    def api_info() -> dict:
+        return info
+
+    @app.get("/api/search")
+    def search_by_id(
+        id: Annotated[str, Query(description="an id of the index")],
+        k: K = 10,
+        nprobe: Effort = None,
+        ef_search: Effort = None,
+    ) -> dict:
+        image_id = resolver.check_id(id)
+        params = effort(nprobe, ef_search)
+        results = index.search_ids([image_id], k, **params)
+        return answer(results, image_id, k, params)
+
+    @app.post("/api/search")
+    def search_by_upload(
+        image: UploadFile,
+        k: K = 10,
+        nprobe: Effort = None,
+        ef_search: Effort = None,
+    ) -> dict:
+        if embedder is None:
+            raise HTTPException(400, "this index records no backbone: it cannot embed images")
+        params = effort(nprobe, ef_search)
+        with tempfile.TemporaryDirectory(prefix="embedpipe-upload-") as tmp:
+            path = Path(tmp) / "upload"
+            _save_capped(image, path, config.max_upload_bytes)
+            try:
+                results, _ = search_images(index, [path], k, embedder=embedder, **params)
+            except IndexInputError:
+                # the only query failed to embed: say why, with the status that fits
+                _, outcomes = embedder([path])
+                failure = outcomes[0]
+                if failure is None:
+                    raise
+                raise HTTPException(
+                    _UPLOAD_STATUS.get(failure.error_type, 400),
+                    f"the upload cannot be embedded: {failure.error_type}: {failure.message}",
+                ) from None
+        return answer(results, image.filename or "upload", k, params)
+
+    @app.get("/api/thumbnail")
+    def thumbnail(
+        id: Annotated[str, Query()],
+        size: Annotated[int, Query(ge=THUMBNAIL_SIZES[0], le=THUMBNAIL_SIZES[1])] = 256,
+    ) -> Response:
+        path = resolver.path(id)
+        st = path.stat()
+        key = hashlib.blake2b(f"{id}\0{st.st_size}\0{st.st_mtime_ns}".encode(), digest_size=16).hexdigest()
+        cached = cache / f"{key}-{size}.jpg"
+        if not cached.is_file():
+            atomic_write_bytes(_thumbnail_jpeg(path, size, config.max_pixels), cached)
+        return Response(
+            cached.read_bytes(), media_type="image/jpeg",
+            headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
+        )
+
+    app.state.index = index
+    app.state.info = info
+    return app
+
+
+def _save_capped(upload: UploadFile, path: Path, limit: int) -> None:
+    """Stream an upload to ``path``, refusing it (413) past ``limit`` bytes."""
+    size = 0
+    with open(path, "wb") as f:
+        while chunk := upload.file.read(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"uploads are limited to {limit // 2**20} MiB")
+            f.write(chunk)
+    if size == 0:
+        raise HTTPException(400, "the upload is empty")
+
+
+def _thumbnail_jpeg(path: Path, size: int, max_pixels: int) -> bytes:
+    """A JPEG of at most ``size`` px on its long side, EXIF-rotated, RGB."""
+    import io
+
+    from PIL import ImageOps
+
+    try:
+        img = open_image(path.read_bytes(), max_pixels=max_pixels)
+        img = ImageOps.exif_transpose(img)
+        img.draft("RGB", (size, size))
+        img = img.convert("RGB")
+        img.thumbnail((size, size))
+    except EmbedpipeError as e:
+        raise HTTPException(422, f"the image cannot be shown: {e}") from None
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def log_access_to_stderr() -> None:
+    """One JSON line per request on stderr, whatever the root logger's level (the CLI's
+    default is warnings only); for processes that run the server."""
+    if not access_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
+        access_log.propagate = False
+
+
+def app_from_environment() -> FastAPI:
+    """The app factory uvicorn's worker processes call (``--workers`` > 1)."""
+    log_access_to_stderr()
+    return create_app(ServeConfig.from_json(os.environ["EMBEDPIPE_SERVE_CONFIG"]))
+
+
+def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+        log_level: str = "info") -> None:
+    """Serve until interrupted. Several workers each load the index and the model."""
+    import uvicorn
+
+    log_access_to_stderr()
+    if workers == 1:
+        uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, access_log=False)
+        return
+    os.environ["EMBEDPIPE_SERVE_CONFIG"] = config.to_json()
+    uvicorn.run("embedpipe.serve:app_from_environment", factory=True, host=host, port=port,
+                workers=workers, log_level=log_level, access_log=False)
