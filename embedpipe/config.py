@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from .uris import is_uri
+
 
 class Choice(str, enum.Enum):
     """A string-valued Enum whose members compare equal to their values."""
@@ -88,7 +90,7 @@ class ExtractConfig:
     ``part_rows`` of ``None`` from the embedding size (parts of ~128 MiB).
     """
 
-    source: Path
+    source: Path | str  # a folder, a manifest, or a folder URI such as s3://bucket/images
     out: Path
     backbone: str
     weights: str = "DEFAULT"
@@ -148,8 +150,13 @@ class ExtractConfig:
                 raise ValueError(f"{', '.join(given)} only apply to engine 'ray'")
 
 
+def _source(value: str | Path) -> str | Path:
+    """A URI stays a string (``Path`` would fold its ``//``); anything else is a Path."""
+    return value if is_uri(value) else Path(value)
+
+
 _COERCE = {
-    "source": Path,
+    "source": _source,
     "out": Path,
     "layer": Layer,
     "device": Device,

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .config import Choice, DecodeMode
 from .errors import ImageDecodeError
 from .preprocess import Preprocessing
+from .uris import is_uri, read_bytes
 
 Image.init()  # registers every plugin, so that ``Image.ID`` lists what this Pillow reads
 #: Formats Pillow may decode; anything else is refused as not an image. MPO (the
@@ -77,8 +78,11 @@ class DecodeFailure:
 
 def _read(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        if is_uri(path):
+            data = read_bytes(path)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
     except FileNotFoundError:
         raise ImageDecodeError(ErrorType.NOT_FOUND, "no such file (or a broken symlink)") from None
     except PermissionError:

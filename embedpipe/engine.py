@@ -246,7 +246,8 @@ def build_meta(embedder: Embedder, config: ExtractConfig, runtime: dict) -> dict
         "embedding_dtype": config.embedding_dtype.value,
         "normalize": config.normalize,
         "runtime": runtime,
-        "images": str(config.source.absolute()),  # where ids resolve to files (galleries)
+        # where ids resolve to files (galleries, the search service): a folder or a URI
+        "images": config.source if isinstance(config.source, str) else str(config.source.absolute()),
         "versions": {
             "embedpipe": __version__,
             "torch": torch.__version__,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import SourceError
+from .uris import is_uri, join, list_files
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -77,11 +78,28 @@ def scan_folder(root: str | os.PathLike) -> list[ImageRecord]:
     ]
 
 
+def scan_uri(uri: str) -> list[ImageRecord]:
+    """:func:`scan_folder` for a folder on object storage or a remote file system
+    (``s3://bucket/images``): the listing gives sizes and modification times, so
+    incremental runs work as they do on local folders."""
+    try:
+        files = [f for f in list_files(uri) if PurePosixPath(f[0]).suffix.lower() in IMAGE_EXTENSIONS]
+    except (OSError, ValueError) as e:  # pyarrow: unknown scheme, no such bucket, not a folder
+        raise SourceError(f"cannot list {uri!r}: {e}") from None
+    files.sort()
+    labelled = bool(files) and all("/" in i for i, _, _ in files)
+    return [
+        ImageRecord(i, join(uri, i), PurePosixPath(i).parts[0] if labelled else None, size, mtime)
+        for i, size, mtime in files
+    ]
+
+
 def read_manifest(path: str | os.PathLike) -> list[ImageRecord]:
     """A CSV or Parquet manifest with a ``path`` column and optional ``label`` and ``id``.
 
     Relative paths are taken relative to the manifest's folder; ``id`` defaults to the
-    path as written.
+    path as written. Paths may be URIs (``s3://...``); those are not stat'ed (size and
+    mtime -1), so a re-run does not notice that such a file changed.
     """
     import pandas as pd
 
@@ -109,13 +127,18 @@ def read_manifest(path: str | os.PathLike) -> list[ImageRecord]:
     base = path.parent.absolute()
     records = []
     for i, p, label in zip(ids, paths, labels):
+        if is_uri(p):
+            records.append(ImageRecord(i, p, label, -1, -1))
+            continue
         full = str(p if os.path.isabs(p) else base / p)
         records.append(ImageRecord(i, full, label, *_stat(full)))
     return records
 
 
 def open_source(path: str | os.PathLike) -> list[ImageRecord]:
-    """A folder or a manifest file -> records."""
+    """A folder, a manifest file or a folder URI (``s3://bucket/images``) -> records."""
+    if is_uri(path):
+        return scan_uri(path)
     p = Path(path)
     if p.is_file() and p.suffix in MANIFEST_SUFFIXES:
         return read_manifest(p)

@@ -193,3 +193,19 @@ def test_device_decode_path_on_the_cpu(tmp_path):
     png = a.ids.tolist().index("x/p.png")
     np.testing.assert_allclose(a.vectors[png], b.vectors[png], rtol=1e-5, atol=1e-6)  # worker-decoded
     assert a.meta["decode"] == "device"
+
+
+def test_a_folder_uri_extracts_and_resumes_like_the_folder(image_folder, tmp_path):
+    options = dict(backbone="userbackbone:build", weights="none", workers=1)
+    extract(ExtractConfig(source=image_folder, out=tmp_path / "local", **options))
+    uri = image_folder.as_uri()
+    first = extract(ExtractConfig(source=uri, out=tmp_path / "uri", **options))
+    a, b = read_embeddings(tmp_path / "local"), read_embeddings(tmp_path / "uri")
+    assert list(b.ids) == list(a.ids) and first.embedded == 10
+    np.testing.assert_array_equal(b.vectors, a.vectors)
+    assert b.meta["images"] == uri
+    changed = image_folder / "dogs" / "002.jpg"
+    make_image(changed, size=(50, 50), seed=77)
+    os.utime(changed, ns=(1, 1))  # a different mtime, whatever the clock's resolution
+    again = extract(ExtractConfig(source=uri, out=tmp_path / "uri", **options))
+    assert (again.embedded, again.skipped, again.dropped) == (1, 9, 1)

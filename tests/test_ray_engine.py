@@ -109,7 +109,9 @@ def test_a_model_actor_killed_mid_run_still_yields_the_complete_dataset(ray_inst
 
 
 def test_a_rerun_embeds_only_what_is_missing(ray_instance, image_folder, tmp_path):
-    options = dict(source=image_folder, out=tmp_path / "emb", backbone="userbackbone:build", weights="none")
+    # from a URI, as on a cluster reading object storage (file:// here, s3:// there)
+    options = dict(source=image_folder.as_uri(), out=tmp_path / "emb", backbone="userbackbone:build",
+                   weights="none")
     first = _run_ray(**options)
     assert (first.embedded, first.skipped) == (10, 0)
     make_image(image_folder / "cats" / "new.jpg", seed=99)

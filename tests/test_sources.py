@@ -89,3 +89,45 @@ def test_bad_manifests(tmp_path, df, match):
 def test_missing_source(tmp_path):
     with pytest.raises(SourceError, match="neither an image folder nor a manifest"):
         open_source(tmp_path / "nope")
+
+
+# --- URIs: pyarrow file systems (file:// here; s3://, gs://, hdfs:// the same way) ----
+
+
+def test_a_folder_uri_lists_what_the_folder_does(image_folder):
+    (image_folder / "dogs" / "notes.txt").write_text("not listed")
+    make_image(image_folder / "cats" / "sub dir" / "é #1 100%.png", seed=3)  # quoting in URIs
+    local = scan_folder(image_folder)
+    remote = open_source(image_folder.as_uri())
+    assert [(r.id, r.label, r.size, r.mtime_ns) for r in remote] == [
+        (r.id, r.label, r.size, r.mtime_ns) for r in local
+    ]
+    assert all(r.path.startswith("file://") for r in remote)
+
+
+def test_images_read_through_a_uri_decode_like_local_files(image_folder):
+    from embedpipe.decode import Decoded, decode_file
+    from embedpipe.preprocess import Preprocessing
+
+    p = Preprocessing(resize_size=40, crop_size=32)
+    make_image(image_folder / "cats" / "odd #name?.png", seed=4)
+    for r in open_source(image_folder.as_uri()):
+        a = decode_file(r.path, p, max_pixels=10**7, mode="full")
+        b = decode_file(str(image_folder / r.id), p, max_pixels=10**7, mode="full")
+        assert isinstance(a, Decoded) and (a.pixels == b.pixels).all() and a.content_hash == b.content_hash
+    missing = decode_file((image_folder / "cats" / "gone.jpg").as_uri(), p, max_pixels=10**7, mode="full")
+    assert missing.error_type == "not_found"
+
+
+def test_bad_uris_are_source_errors(tmp_path):
+    with pytest.raises(SourceError, match="cannot list"):
+        open_source((tmp_path / "nowhere").as_uri())
+    with pytest.raises(SourceError, match="cannot list"):
+        open_source("nosuchscheme://bucket/images")
+
+
+def test_manifest_rows_may_be_uris(tmp_path, image_folder):
+    uri = (image_folder / "cats" / "000.jpg").as_uri()
+    pd.DataFrame({"path": [uri], "label": ["cat"]}).to_csv(tmp_path / "m.csv", index=False)
+    (r,) = read_manifest(tmp_path / "m.csv")
+    assert (r.id, r.path, r.label, r.size) == (uri, uri, "cat", -1)

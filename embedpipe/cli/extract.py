@@ -16,6 +16,7 @@ from ..config import (
     Layer,
     Precision,
 )
+from ..uris import is_uri
 from . import main
 from ._common import echo_json, enum_choice, friendly_errors
 
@@ -63,8 +64,19 @@ def backbones(source: str, pattern: str | None, fmt: str) -> None:
         click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
 
 
+class SourceParam(click.ParamType):
+    """An existing local folder or manifest, or a URI (s3://, gs://, hdfs://, file://)."""
+
+    name = "source"
+
+    def convert(self, value, param, ctx):
+        if is_uri(value):
+            return value
+        return click.Path(exists=True, path_type=Path).convert(value, param, ctx)
+
+
 @main.command()
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("source", type=SourceParam())
 @click.option("--backbone", required=True, help="A registered name (see `embedpipe backbones`).")
 @click.option(
     "--weights",
@@ -109,8 +121,9 @@ def backbones(source: str, pattern: str | None, fmt: str) -> None:
               help="With --engine ray: GPUs per model actor (0: CPU actors).")
 @click.pass_context
 @friendly_errors
-def extract(ctx: click.Context, source: Path, **options) -> None:
-    """Embed every image under SOURCE (a folder or a CSV/Parquet manifest) into --out.
+def extract(ctx: click.Context, source: Path | str, **options) -> None:
+    """Embed every image under SOURCE (a folder, a CSV/Parquet manifest, or a folder URI
+    such as s3://bucket/images) into --out.
 
     Re-running the same command resumes an interrupted run and embeds only new or
     changed images. With --engine ray the same dataset is written by Ray Data actors.
