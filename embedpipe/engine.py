@@ -267,13 +267,27 @@ def error_limit(max_errors: float | None, todo: int) -> int | None:
     return int(max_errors) if max_errors >= 1 or max_errors == 0 else math.ceil(max_errors * todo)
 
 
-def too_many_errors(config: ExtractConfig, summary: ExtractSummary) -> TooManyErrorsError:
-    return TooManyErrorsError(
-        f"stopped after {summary.errors} unreadable images (more than --max-errors "
-        f"{config.max_errors:g} allows): {summary.errors_by_type}. The {summary.embedded} "
-        f"images embedded so far are saved in {config.out}; see {config.out}/_errors/ "
-        "for the failures, then re-run to continue."
-    )
+def finish(
+    config: ExtractConfig,
+    summary: ExtractSummary,
+    errors_by_type: Counter[str],
+    seconds: Counter[str],
+    t0: float,
+    limit: int | None,
+) -> ExtractSummary:
+    """Complete a run's summary; raise :class:`TooManyErrorsError` (the work done is
+    committed by then) if it stopped at the ``--max-errors`` limit."""
+    summary.errors_by_type = dict(errors_by_type)
+    seconds["total"] = time.perf_counter() - t0
+    summary.seconds = dict(seconds)
+    if limit is not None and summary.errors > limit:
+        raise TooManyErrorsError(
+            f"stopped after {summary.errors} unreadable images (more than --max-errors "
+            f"{config.max_errors:g} allows): {summary.errors_by_type}. The {summary.embedded} "
+            f"images embedded so far are saved in {config.out}; see {config.out}/_errors/ "
+            "for the failures, then re-run to continue."
+        )
+    return summary
 
 
 def load_embedder(config: ExtractConfig) -> Embedder:
@@ -426,12 +440,7 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
                 bar.update(len(ok) + len(failed))
                 if limit is not None and summary.errors > limit:
                     break
-    summary.errors_by_type = dict(errors_by_type)
-    seconds["total"] = time.perf_counter() - t0
-    summary.seconds = dict(seconds)
-    if limit is not None and summary.errors > limit:
-        raise too_many_errors(config, summary)
-    return summary
+    return finish(config, summary, errors_by_type, seconds, t0, limit)
 
 
 def progress_bar(total: int, enabled: bool):

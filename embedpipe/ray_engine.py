@@ -44,11 +44,11 @@ from .engine import (
     build_meta,
     cpu_count,
     error_limit,
+    finish,
     load_embedder,
     pending,
     plan,
     progress_bar,
-    too_many_errors,
 )
 from .errors import MissingDependencyError
 from .loader import DecodePool
@@ -329,10 +329,5 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
                         bar.update(len(ok))
                         if limit is not None and summary.errors > limit:
                             break
-    summary.errors_by_type = dict(errors_by_type)
-    seconds["total"] = time.perf_counter() - t0
-    summary.seconds = dict(seconds)
-    if limit is not None and summary.errors > limit:
-        raise too_many_errors(config, summary)
-    return summary
+    return finish(config, summary, errors_by_type, seconds, t0, limit)
 

@@ -24,7 +24,7 @@ from PIL import Image
 from embedpipe import engine
 from embedpipe.cli import main
 from embedpipe.config import ExtractConfig
-from embedpipe.errors import MissingDependencyError
+from embedpipe.errors import MetadataMismatchError, MissingDependencyError, TooManyErrorsError
 from embedpipe.store import identity, read_embeddings, read_errors
 
 ray = pytest.importorskip("ray")
@@ -146,6 +146,24 @@ def test_a_killed_driver_is_finished_by_the_rerun(ray_instance, image_folder, tm
     e = read_embeddings(out)
     assert sorted(e.ids) == sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.*"))
     assert "already done" in r.stdout and not r.stdout.startswith("0 embedded, 0 already")
+
+
+def test_the_output_folder_refuses_vectors_made_differently(ray_instance, image_folder, tmp_path):
+    out = tmp_path / "emb"
+    engine.extract(ExtractConfig(source=image_folder, out=out, backbone="userbackbone:build",
+                                 weights="none", workers=1))
+    with pytest.raises(MetadataMismatchError, match="seed"):
+        _run_ray(source=image_folder, out=out, backbone="userbackbone:build", weights="none", seed=1)
+    # the same settings on the other engine: nothing left to do
+    s = _run_ray(source=image_folder, out=out, backbone="userbackbone:build", weights="none")
+    assert (s.embedded, s.skipped) == (0, 10)
+
+
+def test_max_errors_stops_the_job_and_keeps_the_work(ray_instance, messy_folder, tmp_path):
+    with pytest.raises(TooManyErrorsError, match="saved in"):
+        _run_ray(source=messy_folder, out=tmp_path / "emb", backbone="userbackbone:build",
+                 weights="none", max_errors=0)
+    assert len(read_errors(tmp_path / "emb")) >= 1
 
 
 def test_cli_runs_the_ray_engine_on_an_unlabelled_folder(ray_instance, tmp_path):
