@@ -51,6 +51,9 @@ log = logging.getLogger("embedpipe.serve")
 access_log = logging.getLogger("embedpipe.serve.access")
 
 PAGE = Path(__file__).parent / "static" / "search.html"
+#: the page loads nothing from elsewhere and is never framed; uploads show as blob: URLs
+CSP = ("default-src 'self'; img-src 'self' blob:; style-src 'self' 'unsafe-inline'; "
+       "script-src 'self' 'unsafe-inline'; frame-ancestors 'none'")
 THUMBNAIL_SIZES = (16, 1024)  # smallest and largest ?size=
 MAX_ID_LENGTH = 4096
 
@@ -145,6 +148,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     resolver = ImageResolver(images, index)
     cache = config.cache_dir or config.index / ".thumbnails"
     cache.mkdir(parents=True, exist_ok=True)
+    if not os.access(cache, os.W_OK):  # found now, not as a 500 on the first thumbnail
+        raise IndexInputError(f"the thumbnail cache {cache} is not writable; pass --cache-dir")
     knob = index.info.tuning.knob if index.info.tuning else None
     metrics = _Metrics()
     info = {
@@ -171,6 +176,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def observe(request: Request, call_next):
         t = time.perf_counter()
         response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Content-Security-Policy", CSP)
         seconds = time.perf_counter() - t
         route = request.scope.get("route")
         name = route.path if route is not None else "unmatched"
@@ -272,7 +279,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             atomic_write_bytes(_thumbnail_jpeg(path, size, config.max_pixels), cached)
         return Response(
             cached.read_bytes(), media_type="image/jpeg",
-            headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
+            headers={"Cache-Control": "public, max-age=3600"},
         )
 
     app.state.index = index

@@ -184,6 +184,11 @@ def test_ray_options_need_the_ray_engine(image_folder, tmp_path):
     assert r.exit_code == 2 and "ray_address only apply to engine 'ray'" in r.output
 
 
+def test_device_decoding_is_for_the_local_engine(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="--decode device is for the local engine"):
+        _run_ray(source=image_folder, out=tmp_path / "e", backbone="lenet5", weights="none", decode="device")
+
+
 def test_missing_ray_says_how_to_install_it(image_folder, tmp_path, monkeypatch):
     from embedpipe import ray_engine
 

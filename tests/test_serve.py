@@ -108,6 +108,8 @@ def test_the_page_is_self_contained(client):
     r = client.get("/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
     assert "http://" not in r.text and "https://" not in r.text  # no CDN: nothing to fetch elsewhere
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-content-type-options"] == "nosniff"
 
 
 @pytest.mark.parametrize("image_id", [
