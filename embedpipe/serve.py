@@ -215,6 +215,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     def page() -> str:
         return PAGE.read_text(encoding="utf-8")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)  # no icon, and no 404 in every browser's console
+
     @app.get("/healthz")
     def healthz() -> dict:
         return {"status": "ok", "count": index.info.count}

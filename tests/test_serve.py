@@ -280,6 +280,17 @@ def _chromium() -> str:
     return path
 
 
+def _thumbnails_loaded(page) -> None:
+    """Every result image fetched and decoded (the page's CSP rules out wait_for_function's
+    string evaluation, so: Playwright's own assertions, then one evaluate)."""
+    from playwright.sync_api import expect
+
+    images = page.locator("#results img")
+    for i in range(images.count()):
+        expect(images.nth(i)).to_have_js_property("complete", True)
+    assert page.evaluate("() => [...document.querySelectorAll('#results img')].every(i => i.naturalWidth > 0)")
+
+
 @pytest.mark.slow
 def test_the_page_in_a_real_browser(live_server, photo_index, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -293,15 +304,14 @@ def test_the_page_in_a_real_browser(live_server, photo_index, tmp_path):
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: m.type == "error" and errors.append(m.text))  # CSP too
             page.goto(live_server + "/")
             sync_api.expect(page.locator("#info")).to_contain_text("24 images")
             page.fill("#k", "6")
             page.set_input_files("#file", str(photo_index / "images" / "chelsea" / "crop.jpg"))
             cards = page.locator("#results .card")
             sync_api.expect(cards).to_have_count(6)
-            page.wait_for_function(
-                "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
-            )
+            _thumbnails_loaded(page)
             first = cards.nth(0).get_attribute("data-id")
             assert first == "chelsea/crop.jpg"  # the upload is a copy of it
             assert [cards.nth(i).get_attribute("data-id").split("/")[0] for i in range(3)] == ["chelsea"] * 3
@@ -311,9 +321,7 @@ def test_the_page_in_a_real_browser(live_server, photo_index, tmp_path):
             sync_api.expect(page.locator("#status")).to_contain_text(f"neighbours of {target}")
             sync_api.expect(cards.nth(0)).to_have_attribute("data-id", target)
             sync_api.expect(cards).to_have_count(6)
-            page.wait_for_function(
-                "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
-            )
+            _thumbnails_loaded(page)
             page.wait_for_load_state("networkidle")  # nothing late may redraw the grid
             assert cards.nth(0).get_attribute("data-id") == target
             assert page.locator("#effort-row").is_hidden()  # an exact index has no effort knob
