@@ -152,9 +152,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         raise IndexInputError(f"the thumbnail cache {cache} is not writable; pass --cache-dir")
     knob = index.info.tuning.knob if index.info.tuning else None
     metrics = _Metrics()
-    info = {
-        "index": str(config.index),
-        "images": str(images),
+    info = {  # no server paths: clients learn what is searchable, not where it lives
         "count": index.info.count,
         "dim": index.info.dim,
         "metric": str(index.info.metric),
@@ -165,7 +163,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         "max_k": config.max_k,
         "can_search_images": embedder is not None,
         "backbone": index.meta.get("backbone"),
-        "weights": index.meta.get("weights"),
+        "weights": _public_weights(index.meta.get("weights")),
         "layer": index.meta.get("layer"),
         "labels": sorted({str(x) for x in index.labels if x is not None}),
     }
@@ -289,6 +287,13 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.state.index = index
     app.state.info = info
     return app
+
+
+def _public_weights(weights: dict | None) -> dict | None:
+    """The weights record with a checkpoint's path cut to its file name."""
+    if not weights or weights.get("kind") != "checkpoint":
+        return weights
+    return {**weights, "name": Path(str(weights.get("name", ""))).name}
 
 
 def _save_capped(upload: UploadFile, path: Path, limit: int) -> None:

@@ -93,10 +93,11 @@ def test_thumbnails_are_served_by_id_and_cached(client, served):
     assert len(cached) == 1 and cached[0].read_bytes() == r.content
 
 
-def test_info_health_and_metrics(client):
+def test_info_health_and_metrics(client, served):
     info = client.get("/api/info").json()
     assert (info["count"], info["dim"], info["backbone"], info["kind"]) == (12, 512, "resnet18", "flat")
     assert info["weights"]["pretrained"] is False and info["labels"] == ["cats", "dogs"]
+    assert str(served) not in json.dumps(info)  # no server paths
     assert client.get("/healthz").json()["status"] == "ok"
     client.get("/api/search", params={"id": "nope.jpg"})
     metrics = client.get("/metrics").text
@@ -361,3 +362,13 @@ def test_cli_serves_with_several_workers(served):
         proc.terminate()
         out = proc.communicate(timeout=30)[0].decode()
     assert "serving" in out and '"route": "/api/search"' in out  # the JSON access log
+
+
+def test_info_names_a_checkpoint_by_file_name_only():
+    from embedpipe.serve import _public_weights
+
+    w = {"kind": "checkpoint", "name": "/srv/models/r50-finetuned.pth", "sha256": "ab", "pretrained": True}
+    assert _public_weights(w) == {**w, "name": "r50-finetuned.pth"}
+    assert _public_weights({"kind": "torchvision", "name": "ResNet50_Weights.IMAGENET1K_V2"})["name"] == (
+        "ResNet50_Weights.IMAGENET1K_V2"
+    )
