@@ -30,7 +30,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -207,6 +207,112 @@ def _errors(batch: dict[str, np.ndarray], records: list[ImageRecord]) -> pa.Tabl
     )
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How the job uses the cluster it found."""
+
+    cluster_cpus: int
+    gpus: bool
+    concurrency: int  # model actors
+    threads: int  # torch threads per model actor
+    batch_size: int
+
+    @classmethod
+    def of(cls, config: ExtractConfig, resources: dict[str, float]) -> _Plan:
+        gpus = config.num_gpus_per_worker > 0
+        concurrency = config.concurrency or (
+            max(1, int(resources.get("GPU", 0) // config.num_gpus_per_worker)) if gpus else 1
+        )
+        return cls(
+            cluster_cpus=int(resources.get("CPU", 1)),
+            gpus=gpus,
+            concurrency=concurrency,
+            # CPU model actors share the node with the decoders, as in the local engine:
+            # the forward pass takes the cores, low-priority decoders fill the gaps
+            threads=4 if gpus else max(1, cpu_count() // concurrency),
+            batch_size=config.batch_size or (128 if gpus else 8),
+        )
+
+    def runtime(self, config: ExtractConfig) -> dict:
+        """What the metadata records of the run (not part of the dataset's identity)."""
+        return {
+            "engine": "ray",
+            "ray_address": config.ray_address,
+            "device": "cuda" if self.gpus else "cpu",
+            "precision": config.precision.value,
+            "batch_size": self.batch_size,
+            "concurrency": self.concurrency,
+            "num_gpus_per_worker": config.num_gpus_per_worker,
+            "threads": self.threads,
+            "cluster_cpus": self.cluster_cpus,
+        }
+
+
+def _dataset(ray, todo: list[ImageRecord], config: ExtractConfig, plan: _Plan, preprocessing: Preprocessing):
+    """records -> decode actors -> model actors, as a lazy Ray dataset."""
+    return (
+        ray.data.from_arrow(_records_blocks(todo, plan.cluster_cpus))
+        .map_batches(
+            DecodeActor,
+            fn_constructor_args=(
+                preprocessing, config.decode, config.max_pixels, config.decode_timeout,
+                0 if plan.gpus else 10,
+            ),
+            batch_size=DECODE_BATCH,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(
+                min_size=1, max_size=max(1, plan.cluster_cpus - (0 if plan.gpus else plan.concurrency))
+            ),
+            num_cpus=1,
+        )
+        .map_batches(
+            EmbedActor,
+            fn_constructor_args=(config, plan.threads),
+            batch_size=plan.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=plan.concurrency),
+            num_cpus=1,
+            num_gpus=config.num_gpus_per_worker,
+        )
+    )
+
+
+def _results(
+    ray, todo: list[ImageRecord], config: ExtractConfig, plan: _Plan, preprocessing: Preprocessing
+) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's output blocks as they finish; closing it stops the execution."""
+    if todo:
+        yield from _dataset(ray, todo, config, plan, preprocessing).iter_batches(
+            batch_size=None, batch_format="numpy"
+        )
+
+
+def _write(
+    writer: DatasetWriter, batch: dict[str, np.ndarray], by_id: dict[str, ImageRecord], config: ExtractConfig
+) -> tuple[int, list[str]]:
+    """One batch of results -> embeddings and error rows; ``(embedded, error types)``."""
+    ok = batch["error_type"] == ""
+    if ok.any():
+        done = [by_id[i] for i in batch["id"][ok]]
+        writer.append(
+            embeddings_table(
+                ids=[r.id for r in done],
+                labels=[r.label for r in done],
+                vectors=batch["vector"][ok].astype(config.embedding_dtype.value),
+                width=batch["width"][ok],
+                height=batch["height"][ok],
+                size=[r.size for r in done],
+                mtime_ns=[r.mtime_ns for r in done],
+                content_hash=batch["content_hash"][ok].tolist(),
+                schema=writer.schema,
+            )
+        )
+    failed = {k: v[~ok] for k, v in batch.items()}
+    if len(failed["id"]):
+        writer.append_errors(_errors(failed, [by_id[i] for i in failed["id"]]))
+    return int(ok.sum()), failed["error_type"].tolist()
+
+
 def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
     """Embed every image of ``config.source`` into ``config.out`` with Ray Data.
 
@@ -226,30 +332,12 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
     embedder = load_embedder(config)  # fails fast on missing weights, before any cluster work
     records = open_source(config.source)
     seconds: Counter[str] = Counter()
+    errors_by_type: Counter[str] = Counter()
     with ray_session(config.ray_address) as ray, _quiet("ray.data"):
         import ray.data
 
-        cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-        gpus = config.num_gpus_per_worker > 0
-        concurrency = config.concurrency or (
-            max(1, int(ray.cluster_resources().get("GPU", 0) // config.num_gpus_per_worker)) if gpus else 1
-        )
-        # CPU model actors share the node with the decoders, as in the local engine: the
-        # forward pass takes the cores, low-priority decoders fill the gaps
-        threads = 4 if gpus else max(1, cpu_count() // concurrency)
-        batch_size = config.batch_size or (128 if gpus else 8)
-        runtime = {
-            "engine": "ray",
-            "ray_address": config.ray_address,
-            "device": "cuda" if gpus else "cpu",
-            "precision": config.precision.value,
-            "batch_size": batch_size,
-            "concurrency": concurrency,
-            "num_gpus_per_worker": config.num_gpus_per_worker,
-            "threads": threads,
-            "cluster_cpus": cluster_cpus,
-        }
-        meta = build_meta(embedder, config, runtime)
+        plan = _Plan.of(config, ray.cluster_resources())
+        meta = build_meta(embedder, config, plan.runtime(config))
         preprocessing = embedder.preprocessing
         del embedder  # the actors load their own
         seconds["load"] = time.perf_counter() - t0
@@ -258,76 +346,30 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
             todo, dropped = pending(writer, records)
             summary = ExtractSummary(
                 out=str(config.out), images=len(records), embedded=0,
-                skipped=len(records) - len(todo), errors=0, dropped=dropped, runtime=runtime,
+                skipped=len(records) - len(todo), errors=0, dropped=dropped, runtime=meta["runtime"],
             )
             limit = error_limit(config.max_errors, len(todo))
-            errors_by_type: Counter[str] = Counter()
             log.info("%s: %d images, %d to embed on Ray (%d CPUs, %d model actors)",
-                     config.out, len(records), len(todo), cluster_cpus, concurrency)
-            if todo:
-                ctx = ray.data.DataContext.get_current()
-                ctx.enable_progress_bars = False  # the driver shows one bar, in images
-                ctx.print_on_execution_start = False
-                ds = (
-                    ray.data.from_arrow(_records_blocks(todo, cluster_cpus))
-                    .map_batches(
-                        DecodeActor,
-                        fn_constructor_args=(
-                            preprocessing, config.decode, config.max_pixels,
-                            config.decode_timeout, 0 if gpus else 10,
-                        ),
-                        batch_size=DECODE_BATCH,
-                        batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(
-                            min_size=1, max_size=max(1, cluster_cpus - (0 if gpus else concurrency))
-                        ),
-                        num_cpus=1,
-                    )
-                    .map_batches(
-                        EmbedActor,
-                        fn_constructor_args=(config, threads),
-                        batch_size=batch_size,
-                        batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=concurrency),
-                        num_cpus=1,
-                        num_gpus=config.num_gpus_per_worker,
-                    )
-                )
-                by_id = {r.id: r for r in todo}
-                batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
-                with progress_bar(len(todo), progress) as bar, contextlib.closing(batches):
-                    while True:
-                        t = time.perf_counter()
-                        batch = next(batches, None)
-                        seconds["wait"] += time.perf_counter() - t
-                        if batch is None:
-                            break
-                        t = time.perf_counter()
-                        ok = batch["error_type"] == ""
-                        if ok.any():
-                            done = [by_id[i] for i in batch["id"][ok]]
-                            writer.append(
-                                embeddings_table(
-                                    ids=[r.id for r in done],
-                                    labels=[r.label for r in done],
-                                    vectors=batch["vector"][ok].astype(config.embedding_dtype.value),
-                                    width=batch["width"][ok],
-                                    height=batch["height"][ok],
-                                    size=[r.size for r in done],
-                                    mtime_ns=[r.mtime_ns for r in done],
-                                    content_hash=batch["content_hash"][ok].tolist(),
-                                    schema=writer.schema,
-                                )
-                            )
-                        if not ok.all():
-                            failed = {k: v[~ok] for k, v in batch.items()}
-                            writer.append_errors(_errors(failed, [by_id[i] for i in failed["id"]]))
-                            errors_by_type.update(failed["error_type"].tolist())
-                        seconds["write"] += time.perf_counter() - t
-                        summary.embedded += int(ok.sum())
-                        summary.errors += int((~ok).sum())
-                        bar.update(len(ok))
-                        if limit is not None and summary.errors > limit:
-                            break
+                     config.out, len(records), len(todo), plan.cluster_cpus, plan.concurrency)
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False  # the driver shows one bar, in images
+            ctx.print_on_execution_start = False
+            by_id = {r.id: r for r in todo}
+            batches = _results(ray, todo, config, plan, preprocessing)
+            with progress_bar(len(todo), progress) as bar, contextlib.closing(batches):
+                while True:
+                    t = time.perf_counter()
+                    batch = next(batches, None)
+                    seconds["wait"] += time.perf_counter() - t
+                    if batch is None:
+                        break
+                    t = time.perf_counter()
+                    embedded, failed = _write(writer, batch, by_id, config)
+                    seconds["write"] += time.perf_counter() - t
+                    summary.embedded += embedded
+                    summary.errors += len(failed)
+                    errors_by_type.update(failed)
+                    bar.update(embedded + len(failed))
+                    if limit is not None and summary.errors > limit:
+                        break
     return finish(config, summary, errors_by_type, seconds, t0, limit)
-
