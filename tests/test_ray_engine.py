@@ -178,6 +178,20 @@ def test_cli_runs_the_ray_engine_on_an_unlabelled_folder(ray_instance, tmp_path)
     assert e.meta["runtime"]["concurrency"] == 1 and list(e.labels) == [None] * 10
 
 
+def test_a_pipeline_step_runs_on_ray(ray_instance, image_folder, tmp_path):
+    from embedpipe.pipeline import run_pipeline
+
+    (tmp_path / "p.toml").write_text(
+        '[pipeline]\nout = "out"\n\n[datasets.imgs]\nimages = "images"\n\n'
+        '[[steps]]\nkind = "extract"\nname = "emb"\ndataset = "imgs"\nbackbone = "userbackbone:build"\n'
+        'weights = "none"\nengine = "ray"\nconcurrency = 1\n'
+    )
+    run = run_pipeline(tmp_path / "p.toml")
+    assert [s.state for s in run.statuses] == ["done"]
+    e = read_embeddings(tmp_path / "out" / "emb")
+    assert len(e.ids) == 10 and e.meta["runtime"]["engine"] == "ray"
+
+
 def test_ray_options_need_the_ray_engine(image_folder, tmp_path):
     r = CliRunner().invoke(main, ["extract", str(image_folder), "--out", str(tmp_path / "e"),
                                   "--backbone", "lenet5", "--ray-address", "auto"])
