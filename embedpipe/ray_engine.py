@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -89,11 +89,18 @@ class DecodeActor:
     """
 
     def __init__(
-        self, preprocessing: Preprocessing, mode: DecodeMode, max_pixels: int, timeout: float, nice: int
+        self,
+        preprocessing: Preprocessing,
+        mode: DecodeMode,
+        max_pixels: int,
+        timeout: float,
+        nice: int,
+        decode_fn: Callable | None = None,  # DecodePool's, for tests
     ) -> None:
         self.shape = (preprocessing.crop_size, preprocessing.crop_size, preprocessing.channels)
         self.pool = DecodePool(
-            preprocessing, workers=1, mode=mode, max_pixels=max_pixels, timeout=timeout, nice=nice
+            preprocessing, workers=1, mode=mode, max_pixels=max_pixels, timeout=timeout, nice=nice,
+            decode_fn=decode_fn,
         ).__enter__()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -108,6 +108,26 @@ def test_a_model_actor_killed_mid_run_still_yields_the_complete_dataset(ray_inst
     np.testing.assert_allclose(x_b, x_a, rtol=1e-5, atol=1e-6)
 
 
+def test_a_decode_actor_turns_a_crashing_or_hanging_decoder_into_error_rows(image_folder):
+    """The actor's own logic, run in this process: Ray only schedules it."""
+    from crashy import crashy_decode_chunk
+
+    from embedpipe.preprocess import Preprocessing
+    from embedpipe.ray_engine import DecodeActor
+
+    make_image(image_folder / "cats" / "crash.jpg", seed=1)
+    make_image(image_folder / "cats" / "hang.jpg", seed=2)
+    paths = sorted(image_folder.rglob("*.*"))
+    actor = DecodeActor(Preprocessing(resize_size=40, crop_size=32), "draft", 10**7, 2.0, 0,
+                        decode_fn=crashy_decode_chunk)
+    out = actor({"id": np.array([p.name for p in paths], object), "path": np.array([str(p) for p in paths], object)})
+    errors = dict(zip(out["id"], out["error_type"]))
+    assert errors.pop("crash.jpg") == "decoder_crash" and errors.pop("hang.jpg") == "timeout"
+    assert set(errors.values()) == {""} and out["pixels"].shape == (len(paths), 32, 32, 3)
+    assert (out["pixels"][out["error_type"] == ""].reshape(len(errors), -1).max(1) > 0).all()
+    del actor
+
+
 def test_a_rerun_embeds_only_what_is_missing(ray_instance, image_folder, tmp_path):
     # from a URI, as on a cluster reading object storage (file:// here, s3:// there)
     options = dict(source=image_folder.as_uri(), out=tmp_path / "emb", backbone="userbackbone:build",
