@@ -327,6 +327,19 @@ def test_the_page_in_a_real_browser(live_server, photo_index, tmp_path):
             assert cards.nth(0).get_attribute("data-id") == target
             assert page.locator("#effort-row").is_hidden()  # an exact index has no effort knob
             shot = page.screenshot(full_page=True)
+
+            # a file dropped on the drop zone, as a person drags one from their desktop
+            page.evaluate(
+                """(bytes) => {
+                  const dt = new DataTransfer();
+                  dt.items.add(new File([new Uint8Array(bytes)], "dropped.jpg", {type: "image/jpeg"}));
+                  document.getElementById("drop").dispatchEvent(
+                    new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+                }""",
+                list((photo_index / "images" / "coffee" / "mirror.jpg").read_bytes()),
+            )
+            sync_api.expect(page.locator("#status")).to_contain_text("neighbours of dropped.jpg")
+            sync_api.expect(cards.nth(0)).to_have_attribute("data-id", "coffee/mirror.jpg")
             assert not errors, errors
         finally:
             browser.close()
