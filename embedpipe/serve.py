@@ -54,7 +54,9 @@ PAGE = Path(__file__).parent / "static" / "search.html"
 #: the page loads nothing from elsewhere and is never framed; uploads show as blob: URLs
 CSP = ("default-src 'self'; img-src 'self' blob:; style-src 'self' 'unsafe-inline'; "
        "script-src 'self' 'unsafe-inline'; frame-ancestors 'none'")
-THUMBNAIL_SIZES = (16, 1024)  # smallest and largest ?size=
+#: thumbnails come in these sizes (long side, px); ?size= is rounded up to one, so the disk
+#: cache holds at most six files per image however many sizes clients ask for
+THUMBNAIL_SIZES = (32, 64, 128, 256, 512, 1024)
 MAX_ID_LENGTH = 4096
 
 #: decode failures of an upload -> HTTP status (everything else is 400)
@@ -271,11 +273,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.get("/api/thumbnail")
     def thumbnail(
         id: Annotated[str, Query()],
-        size: Annotated[int, Query(ge=THUMBNAIL_SIZES[0], le=THUMBNAIL_SIZES[1])] = 256,
+        size: Annotated[int, Query(ge=1, le=THUMBNAIL_SIZES[-1])] = 256,
     ) -> Response:
         path = resolver.path(id)
         st = path.stat()
         key = hashlib.blake2b(f"{id}\0{st.st_size}\0{st.st_mtime_ns}".encode(), digest_size=16).hexdigest()
+        size = next(s for s in THUMBNAIL_SIZES if s >= size)
         cached = cache / f"{key}-{size}.jpg"
         if not cached.is_file():
             atomic_write_bytes(_thumbnail_jpeg(path, size, config.max_pixels), cached)

@@ -91,6 +91,13 @@ def test_thumbnails_are_served_by_id_and_cached(client, served):
     assert max(img.size) == 32 and img.size == (32, 18)  # 115x64, aspect kept
     cached = list((served / "thumbs").glob("*-32.jpg"))
     assert len(cached) == 1 and cached[0].read_bytes() == r.content
+    # sizes round up to a few buckets: clients cannot fill the disk with one file per size
+    before = len(list((served / "thumbs").glob("*.jpg")))
+    for size in (33, 50, 64):
+        r = client.get("/api/thumbnail", params={"id": "cats/005.jpg", "size": size})
+        assert Image.open(io.BytesIO(r.content)).size == (64, 36)
+    assert len(list((served / "thumbs").glob("*.jpg"))) == before + 1
+    assert client.get("/api/thumbnail", params={"id": "cats/005.jpg", "size": 2000}).status_code == 422
 
 
 def test_info_health_and_metrics(client, served):
@@ -340,6 +347,15 @@ def test_the_page_in_a_real_browser(live_server, photo_index, tmp_path):
             )
             sync_api.expect(page.locator("#status")).to_contain_text("neighbours of dropped.jpg")
             sync_api.expect(cards.nth(0)).to_have_attribute("data-id", "coffee/mirror.jpg")
+
+            # a file that is no image: the server's reason, shown as an error, results kept
+            notes = tmp_path / "notes.jpg"
+            notes.write_text("shopping list")
+            page.set_input_files("#file", str(notes))
+            sync_api.expect(page.locator("#status")).to_contain_text("not_an_image")
+            sync_api.expect(page.locator("#status")).to_have_class("error")
+            sync_api.expect(cards).to_have_count(6)
+            errors = [e for e in errors if "415" not in e]  # the browser logs the refused upload
             assert not errors, errors
         finally:
             browser.close()
