@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=1, help="server processes (embedpipe serve --workers)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -73,10 +74,11 @@ def main() -> None:
     Image.open(photos / id_list[0]).convert("RGB").resize((640, 480)).save(upload, "JPEG")
 
     port = free_port()
+    server_log = open(root / "server.log", "w")  # the access log: one JSON line per request
     server = subprocess.Popen(
         [sys.executable, "-m", "embedpipe", "-q", "serve", str(root / "idx"), "--port", str(port),
-         "--cache-dir", str(root / "thumbs")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "2"},
+         "--cache-dir", str(root / "thumbs"), "--workers", str(args.workers)],
+        stdout=server_log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -88,7 +90,7 @@ def main() -> None:
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not start: " + server.stderr.read().decode()[-2000:])
+                raise SystemExit(f"the server did not start; see {root / 'server.log'}")
             time.sleep(0.2)
 
         latencies: dict[str, list[float]] = {"search_id": [], "thumbnail": [], "search_upload": []}
@@ -132,10 +134,11 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
+        server_log.close()
 
     every = [x for v in latencies.values() for x in v]
     print(f"{args.clients} clients for {args.seconds:g} s on loopback; index: {args.images} photos, "
-          f"efficientnet_lite0, Flat; server: 1 process")
+          f"efficientnet_lite0, Flat; server: {args.workers} process(es)")
     print(f"{'request':<15}{'count':>7}{'p50 ms':>9}{'p99 ms':>9}")
     result = {}
     for kind, values in [*latencies.items(), ("all", every)]:
