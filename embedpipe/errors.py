@@ -90,6 +90,15 @@ class DimensionMismatchError(IndexInputError):
     """Query vectors whose dimension differs from the index's."""
 
 
+class QueryImagesError(IndexInputError):
+    """None of the query images could be embedded; ``failures`` says why for each
+    (``QueryFailure(query, error_type, message)``)."""
+
+    def __init__(self, message: str, failures: list) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
 class UnknownIdError(EmbedpipeError, KeyError):
     """An id asked for by ``search --id`` that the index does not hold."""
 

@@ -53,6 +53,7 @@ from .errors import (
     IndexSpecError,
     MemoryBudgetError,
     MetadataMismatchError,
+    QueryImagesError,
     UnknownIdError,
 )
 
@@ -1503,8 +1504,8 @@ def search_images(
     embedded = [i for i, outcome in enumerate(outcomes) if outcome is None]
     if not embedded:
         reasons = "; ".join(f"{f.query}: {f.error_type} ({f.message})" for f in failures[:5])
-        raise IndexInputError(
-            f"none of the {len(queries)} query images could be embedded: {reasons}"
+        raise QueryImagesError(
+            f"none of the {len(queries)} query images could be embedded: {reasons}", failures
         )
     results = index.search(
         vectors[embedded],

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Annotated
 
 from .decode import ErrorType, open_image
-from .errors import EmbedpipeError, IndexInputError, MissingDependencyError
+from .errors import EmbedpipeError, IndexInputError, MissingDependencyError, QueryImagesError
 from .index import Index, search_images
 from .store import atomic_write_bytes
 
@@ -258,14 +258,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             _save_capped(image, path, config.max_upload_bytes)
             try:
                 results, _ = search_images(index, [path], k, embedder=embedder, **params)
-            except IndexInputError:
-                # the only query failed to embed: say why, with the status that fits
-                _, outcomes = embedder([path])
-                failure = outcomes[0]
-                if failure is None:
-                    raise
+            except QueryImagesError as e:  # the upload itself could not be embedded: say why
+                failure = e.failures[0]
                 raise HTTPException(
-                    _UPLOAD_STATUS.get(failure.error_type, 400),
+                    _UPLOAD_STATUS.get(ErrorType(failure.error_type), 400),
                     f"the upload cannot be embedded: {failure.error_type}: {failure.message}",
                 ) from None
         return answer(results, image.filename or "upload", k, params)
@@ -287,8 +283,6 @@ def create_app(config: ServeConfig) -> FastAPI:
             headers={"Cache-Control": "public, max-age=3600"},
         )
 
-    app.state.index = index
-    app.state.info = info
     return app
 
 
