@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "extract": "embedpipe.engine",
+    "extract": "embedpipe.jobs",
     "embed_paths": "embedpipe.engine",
     "ExtractSummary": "embedpipe.engine",
     "ExtractConfig": "embedpipe.config",

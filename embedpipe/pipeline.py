@@ -251,14 +251,11 @@ class _Runner:
     # one method per step kind: options in, files out under the step's folder
 
     def extract(self, step: Step, out: Path) -> str:
-        from .config import Engine, ExtractConfig
+        from .config import ExtractConfig
+        from .jobs import extract
 
         o = {k: v for k, v in step.options.items() if k != "dataset"}
         o["weights"] = self.weights(step)
-        if o.get("engine") == Engine.RAY:
-            from .ray_engine import extract
-        else:
-            from .engine import extract
         # same metadata: resumes and updates; changed settings: replaces (the step's record
         # already says the old output is stale)
         s = extract(ExtractConfig(source=self.dataset_path(step.options["dataset"]), out=out, overwrite=True, **o),

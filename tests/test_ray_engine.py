@@ -232,7 +232,18 @@ def test_missing_ray_says_how_to_install_it(image_folder, tmp_path, monkeypatch)
                                          weights="none", engine="ray"))
 
 
+def test_every_entry_point_runs_the_engine_the_config_names(image_folder, tmp_path, monkeypatch):
+    import embedpipe
+    from embedpipe import ray_engine
+
+    monkeypatch.setattr(ray_engine, "extract", lambda config, progress=False: ("ray", config.out))
+    monkeypatch.setattr(engine, "extract", lambda config, progress=False: ("local", config.out))
+    config = dict(source=image_folder, out=tmp_path / "e", backbone="lenet5", weights="none")
+    assert embedpipe.extract(ExtractConfig(engine="ray", **config))[0] == "ray"
+    assert embedpipe.extract(ExtractConfig(**config))[0] == "local"
+
+
 def test_the_core_never_imports_ray():
-    code = ("import sys, embedpipe.engine, embedpipe.pipeline, embedpipe.cli; "
+    code = ("import sys, embedpipe.engine, embedpipe.jobs, embedpipe.pipeline, embedpipe.cli; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

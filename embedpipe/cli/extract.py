@@ -132,10 +132,8 @@ def extract(ctx: click.Context, source: Path | str, **options) -> None:
         config = ExtractConfig(source=source, **options)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    if config.engine == Engine.RAY:
-        from ..ray_engine import extract as run_extract
-    else:
-        from ..engine import extract as run_extract
+    from ..jobs import extract as run_extract
+
     summary = run_extract(config, progress=ctx.obj["progress"])
     click.echo(summary.line())
 
