@@ -63,7 +63,6 @@ MAX_ID_LENGTH = 4096
 _UPLOAD_STATUS = {
     ErrorType.TOO_MANY_PIXELS: 413,
     ErrorType.NOT_AN_IMAGE: 415,
-    ErrorType.EMPTY_FILE: 400,
 }
 
 
