@@ -34,8 +34,10 @@ from PIL import Image
 
 from embedpipe.backbones import load_backbone
 from embedpipe.config import ExtractConfig, Precision
-from embedpipe.datasets import photo_folder
-from embedpipe.engine import BatchEmbedder, bf16_supported_on_cpu, cpu_count, extract, plan
+from embedpipe.images.samples import photo_folder
+from embedpipe.extraction.forward import BatchEmbedder
+from embedpipe.extraction.plan import bf16_supported_on_cpu, cpu_count, plan
+from embedpipe.extraction import extract
 
 CACHE = Path(os.environ.get("EMBEDPIPE_BENCH_CACHE", Path(__file__).parent / ".cache"))
 
@@ -108,7 +110,7 @@ def naive(model: str, precision: Precision, src: Path, n: int) -> float:
 _RSS_CHILD = """
 import sys
 from embedpipe.config import ExtractConfig
-from embedpipe.engine import extract
+from embedpipe.extraction import extract
 extract(ExtractConfig(source=sys.argv[1], out=sys.argv[2], backbone=sys.argv[3], weights="none",
                       precision=sys.argv[4]))
 """

@@ -28,9 +28,10 @@ from pathlib import Path
 
 from extract import CACHE, make_photos
 
-from embedpipe import engine, ray_engine
+from embedpipe.extraction import local as engine
+from embedpipe.extraction import ray as ray_engine
 from embedpipe.config import ExtractConfig
-from embedpipe.engine import cpu_count
+from embedpipe.extraction.plan import cpu_count
 
 
 def run(extract, src: Path, **options) -> tuple[float, float]:

@@ -33,7 +33,7 @@ from extract import CACHE, make_photos
 from PIL import Image
 
 from embedpipe.config import ExtractConfig
-from embedpipe.engine import extract
+from embedpipe.extraction import extract
 from embedpipe.index import Index, embedding_blocks
 
 

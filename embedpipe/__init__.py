@@ -11,9 +11,9 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "extract": "embedpipe.jobs",
-    "embed_paths": "embedpipe.engine",
-    "ExtractSummary": "embedpipe.engine",
+    "extract": "embedpipe.extraction",
+    "embed_paths": "embedpipe.extraction.forward",
+    "ExtractSummary": "embedpipe.extraction.job",
     "ExtractConfig": "embedpipe.config",
     "load_backbone": "embedpipe.backbones",
     "list_backbones": "embedpipe.backbones",
@@ -23,6 +23,10 @@ _API = {
     "read_errors": "embedpipe.store",
     "dataset_info": "embedpipe.store",
     "Embeddings": "embedpipe.store",
+    "Provenance": "embedpipe.provenance",
+    "Index": "embedpipe.index",
+    "LinearProbeCV": "embedpipe.probe",
+    "CosineKNNClassifier": "embedpipe.probe",
 }
 
 __all__ = ["__version__", *_API]

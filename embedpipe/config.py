@@ -76,6 +76,38 @@ class Engine(Choice):
     RAY = "ray"
 
 
+class IdAlignment(Choice):
+    """What to do when backbones' embeddings do not cover the same ids."""
+
+    STRICT = "strict"  # refuse: a comparison on different images is not paired
+    INTERSECT = "intersect"  # probe the ids every dataset has; count what is dropped
+
+
+# --- fine-tuning ---------------------------------------------------------------------
+
+
+class Mode(Choice):
+    HEAD = "head"
+    PARTIAL = "partial"
+    FULL = "full"
+
+
+class Augment(Choice):
+    NONE = "none"
+    STANDARD = "standard"  # random-resized crop + horizontal flip
+    STRONG = "strong"  # + colour jitter + TrivialAugment
+
+
+class Optimizer(Choice):
+    SGD = "sgd"
+    ADAMW = "adamw"
+
+
+class Schedule(Choice):
+    COSINE = "cosine"
+    STEP = "step"
+
+
 #: Pillow's own default warning threshold; above it an image is refused before decoding.
 DEFAULT_MAX_PIXELS = 89_478_485
 

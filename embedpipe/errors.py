@@ -10,6 +10,16 @@ This module imports nothing from the package, so every layer may raise these.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`` Did you mean a, b?`` for the choices closest to ``name``, or ``""``: the hint
+    every unknown-name error ends with."""
+    close = difflib.get_close_matches(name, list(choices), n=3)
+    return f" Did you mean {', '.join(close)}?" if close else ""
+
 
 class EmbedpipeError(Exception):
     """Base class of every error embedpipe raises on purpose."""
@@ -57,6 +67,11 @@ class StoreError(EmbedpipeError, ValueError):
 
 class MetadataMismatchError(StoreError):
     """Embeddings made by something other than what the caller expects."""
+
+
+class ProvenanceError(EmbedpipeError, ValueError):
+    """An operation that needs to know what made the embeddings, on embeddings that do
+    not say (another tool wrote them)."""
 
 
 class OutputLockedError(EmbedpipeError, RuntimeError):

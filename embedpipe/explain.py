@@ -25,13 +25,10 @@ noisy copies of the input, because a plain gradient is dominated by high-frequen
 from __future__ import annotations
 
 import difflib
-import io
 import logging
 import math
 import os
 import re
-import textwrap
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,17 +37,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from PIL import Image
 from torch import nn
 
-from .backbones import Embedder, WeightsInfo, WeightsKind, get_spec, load_backbone, load_classifier
+from .backbones import Embedder, get_spec, load_backbone, load_classifier
 from .config import DEFAULT_MAX_PIXELS, Choice, DecodeMode
-from .decode import DecodeFailure, ErrorType, decode_file, load_image
 from .errors import ExplainError, ImageDecodeError, UnknownLayerError, WeightsError
-from .preprocess import Preprocessing
-from .store import atomic_write_bytes
+from .figures import DPI, png, shorten, show_pixels, titled_figure
+from .files import atomic_write_bytes
+from .images.decode import DecodeFailure, decode_file
+from .images.preprocess import Preprocessing
+from .provenance import WeightsInfo, WeightsKind
 
 logger = logging.getLogger(__name__)
 
@@ -430,69 +426,6 @@ def saliency(
 
 # --- render: arrays -> PNG -----------------------------------------------------------
 
-_DPI = 100
-#: an image to show: uint8 pixels (H, W) / (H, W, 1|3), a PIL image, or a file path
-ImageLike = np.ndarray | Image.Image | str | os.PathLike
-
-
-def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
-    return buf.getvalue()
-
-
-def _text_width(text: str, fontsize: float) -> float:
-    """Width of ``text`` in inches, as the Agg renderer will draw it."""
-    from matplotlib.backends.backend_agg import RendererAgg
-    from matplotlib.font_manager import FontProperties
-
-    width, _, _ = RendererAgg(1, 1, _DPI).get_text_width_height_descent(
-        text, FontProperties(size=fontsize), ismath=False
-    )
-    return width / _DPI
-
-
-def _wrap(text: str, width_in: float, fontsize: float) -> str:
-    """Break a title into lines that fit ``width_in`` inches: at " · " separators first,
-    inside a part (a long checkpoint path) only when the part alone is too long."""
-    lines: list[str] = []
-    for paragraph in text.split("\n"):
-        line = ""
-        for part in paragraph.split(" · "):
-            candidate = f"{line} · {part}" if line else part
-            if _text_width(candidate, fontsize) <= width_in:
-                line = candidate
-                continue
-            if line:
-                lines.append(line)
-            chars = max(10, int(len(part) * width_in / max(_text_width(part, fontsize), 1e-6)))
-            chunks = textwrap.wrap(part, chars, break_long_words=True) or [""]
-            lines.extend(chunks[:-1])
-            line = chunks[-1]
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def _show(ax, pixels: np.ndarray) -> None:
-    """uint8 (H, W, 1|3) or (H, W) pixels, grey when single-channel."""
-    if pixels.ndim == 3 and pixels.shape[2] == 1:
-        pixels = pixels[:, :, 0]
-    ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=255)
-    ax.set_axis_off()
-
-
-def _sized(
-    width: float, body: float, title: str, *, fontsize: float = 10, footer: float = 0.0
-) -> Figure:
-    """A figure ``width`` inches wide, titled ``title`` (wrapped to fit), tall enough for
-    the title, a body ``body`` inches tall and a footer under it."""
-    text = _wrap(title, width - 0.2, fontsize)
-    head = 0.12 + (text.count("\n") + 1) * fontsize * 1.35 / 72
-    fig = Figure(figsize=(width, head + body + footer + 0.1))
-    fig.suptitle(text, fontsize=fontsize, y=1 - 0.06 / fig.get_figheight(), va="top")
-    return fig
-
 
 def render_filters(grid: np.ndarray, *, title: str, caption: str = "") -> bytes:
     """A :func:`filter_grid` image -> PNG; pixels stay square blocks, not blurred."""
@@ -502,16 +435,16 @@ def render_filters(grid: np.ndarray, *, title: str, caption: str = "") -> bytes:
     factor = max(1, 440 // max(grid.shape[:2]))
     big = grid.repeat(factor, axis=0).repeat(factor, axis=1)
     h, w = big.shape[:2]
-    width = max(w / _DPI, 5.6) + 0.2
+    width = max(w / DPI, 5.6) + 0.2
     footer = 0.3 if caption else 0.0
-    fig = _sized(width, h / _DPI, title, footer=footer)
+    fig = titled_figure(width, h / DPI, title, footer=footer)
     fig_w, fig_h = fig.get_figwidth(), fig.get_figheight()
     ax = fig.add_axes(
         (
-            (fig_w - w / _DPI) / 2 / fig_w,
+            (fig_w - w / DPI) / 2 / fig_w,
             (footer + 0.05) / fig_h,
-            w / _DPI / fig_w,
-            h / _DPI / fig_h,
+            w / DPI / fig_w,
+            h / DPI / fig_h,
         )
     )
     if big.shape[2] == 1:
@@ -521,7 +454,7 @@ def render_filters(grid: np.ndarray, *, title: str, caption: str = "") -> bytes:
     ax.set_axis_off()
     if caption:
         fig.text(0.5, 0.08 / fig_h, caption, ha="center", va="bottom", fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def render_feature_maps(
@@ -540,15 +473,15 @@ def render_feature_maps(
         f"({h}×{w}, each scaled to its own range)"
     )
     # the input at about its own size: upsampling a photo only makes the PNG bigger
-    side = min(body - 0.25, max(1.6, np.asarray(image).shape[0] / _DPI))
-    fig = _sized(side + 0.35 + cols * cell + 0.2, body, title, fontsize=9)
+    side = min(body - 0.25, max(1.6, np.asarray(image).shape[0] / DPI))
+    fig = titled_figure(side + 0.35 + cols * cell + 0.2, body, title, fontsize=9)
     fig_w, fig_h = fig.get_figwidth(), fig.get_figheight()
     bottom = 0.1 / fig_h
     ax = fig.add_axes(
         (0.1 / fig_w, bottom + (body - 0.25 - side) / 2 / fig_h, side / fig_w, side / fig_h)
     )
-    _show(ax, np.asarray(image))
-    ax.set_title(_short(image_label, 40), fontsize=8, pad=2)
+    show_pixels(ax, np.asarray(image))
+    ax.set_title(shorten(image_label, 40), fontsize=8, pad=2)
     x0 = side + 0.35
     for i in range(n):
         r, c = divmod(i, cols)
@@ -559,7 +492,7 @@ def render_feature_maps(
         ax.imshow(fm.maps[i], cmap="viridis", interpolation="nearest")
         ax.set_axis_off()
         ax.set_title(f"ch {fm.channels[i]} · {fm.means[i]:.2g}", fontsize=6.5, pad=2)
-    return _png(fig)
+    return png(fig)
 
 
 def _overlay(pixels: np.ndarray, sal: np.ndarray) -> np.ndarray:
@@ -588,7 +521,7 @@ def render_saliency(
     cell = 2.5
     footer = 0.3 if caption else 0.05
     width = max(panels * cell + 0.2, len(caption) * 8 * 0.6 / 72 + 0.4)
-    fig = _sized(width, cell + 0.2, title, footer=footer)
+    fig = titled_figure(width, cell + 0.2, title, footer=footer)
     fig_w, fig_h = fig.get_figwidth(), fig.get_figheight()
     x0 = (fig_w - panels * cell) / 2
     axes = [
@@ -602,8 +535,8 @@ def render_saliency(
         )
         for i in range(panels)
     ]
-    _show(axes[0], pixels)
-    axes[0].set_title(_short(image_label, 40), fontsize=8, pad=3)
+    show_pixels(axes[0], pixels)
+    axes[0].set_title(shorten(image_label, 40), fontsize=8, pad=3)
     axes[1].imshow(sal, cmap="inferno", vmin=0, vmax=1)
     axes[1].set_axis_off()
     axes[1].set_title("saliency", fontsize=8, pad=3)
@@ -611,114 +544,11 @@ def render_saliency(
     axes[2].set_axis_off()
     axes[2].set_title("overlay", fontsize=8, pad=3)
     if reference is not None:
-        _show(axes[3], reference)
+        show_pixels(axes[3], reference)
         axes[3].set_title(reference_label, fontsize=8, pad=3)
     if caption:
         fig.text(0.5, 0.08 / fig_h, caption, ha="center", va="bottom", fontsize=8)
-    return _png(fig)
-
-
-def _thumbnail(src: ImageLike, size: int) -> np.ndarray:
-    """Any :data:`ImageLike` -> (h, w, 3) uint8 no larger than ``size``; a path that
-    cannot be read raises :class:`ImageDecodeError`."""
-    if isinstance(src, (str, os.PathLike)):
-        try:
-            data = Path(src).read_bytes()
-        except OSError as e:
-            kind = {
-                FileNotFoundError: ErrorType.NOT_FOUND,
-                PermissionError: ErrorType.PERMISSION_DENIED,
-            }
-            raise ImageDecodeError(
-                kind.get(type(e), ErrorType.UNREADABLE), f"{src}: {e.strerror or e}"
-            ) from None
-        img, _ = load_image(data, mode="RGB", max_pixels=DEFAULT_MAX_PIXELS, draft_size=size)
-    elif isinstance(src, Image.Image):
-        img = src.convert("RGB")
-    else:
-        arr = np.asarray(src)
-        if arr.dtype != np.uint8:
-            raise ExplainError(f"image arrays must be uint8 pixels, got {arr.dtype}")
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        img = Image.fromarray(arr).convert("RGB")
-    img = img.copy()
-    img.thumbnail((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(img)
-
-
-def _short(text: str, width: int = 26) -> str:
-    """Keep the end of a long id (the file name), which tells neighbours apart."""
-    return text if len(text) <= width else "…" + text[-(width - 1) :]
-
-
-def render_gallery(
-    query_image: ImageLike,
-    neighbours: Sequence[tuple[ImageLike, str, float]],
-    *,
-    title: str,
-    k: int | None = None,
-    query_id: str | None = None,
-    score_name: str = "score",
-    per_row: int = 8,
-    thumbnail: int = 144,
-) -> bytes:
-    """A query beside its neighbours, each with its rank, id and score above it.
-
-    ``neighbours``: (image or path, id, score), best first. There may be fewer than
-    ``k`` (a small index, filtered results) or none: the figure then says how many of
-    ``k`` were found. A neighbour whose file cannot be read gets a tile saying why
-    instead of failing the gallery; an unreadable query raises. Thumbnails are drawn at
-    their own pixel size (``thumbnail`` px on the long side), in rows of at most
-    ``per_row``, balanced.
-    """
-    query = _thumbnail(query_image, thumbnail)
-    n = len(neighbours)
-    rows = max(1, math.ceil(n / per_row))
-    cols = max(1, math.ceil(n / rows))
-    side, gap, label, sep = thumbnail / _DPI, 0.1, 0.36, 0.3  # inches
-    found = f"{n} neighbour{'s' if n != 1 else ''}"
-    if k is not None and n < k:
-        found = f"{n} of k={k} neighbours found" if n else f"no neighbours found (k={k})"
-    width = side + sep + cols * (side + gap) + 0.1
-    fig = _sized(width, rows * (side + label), f"{title}\n{found}", fontsize=9)
-    fig_w, fig_h = fig.get_figwidth(), fig.get_figheight()
-
-    def cell(x: float, row: int):
-        y = 0.05 + (rows - 1 - row) * (side + label)
-        ax = fig.add_axes((x / fig_w, y / fig_h, side / fig_w, side / fig_h))
-        ax.set_axis_off()
-        ax.set_anchor("N")  # images of any aspect start at the top: labels line up
-        return ax
-
-    ax = cell(0.05, 0)
-    ax.imshow(query)
-    ax.set_title(
-        "query" + (f"\n{_short(query_id)}" if query_id else ""),
-        fontsize=8,
-        fontweight="bold",
-        pad=3,
-    )
-    for i, (src, ident, score) in enumerate(neighbours):
-        r, c = divmod(i, cols)
-        ax = cell(0.05 + side + sep + c * (side + gap), r)
-        try:
-            ax.imshow(_thumbnail(src, thumbnail))
-        except ImageDecodeError as e:
-            ax.set_xlim(-0.02, 1.02)
-            ax.set_ylim(-0.02, 1.02)
-            ax.add_patch(_placeholder())
-            ax.text(0.5, 0.5, f"cannot show\n{e.error_type}", ha="center", va="center", fontsize=7)
-        ax.set_title(
-            f"#{i + 1} {_short(str(ident), 24)}\n{score_name} {score:.3f}", fontsize=7, pad=3
-        )
-    return _png(fig)
-
-
-def _placeholder():
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((0, 0), 1, 1, facecolor="0.9", edgecolor="0.6")
+    return png(fig)
 
 
 # --- files: what the CLI calls -------------------------------------------------------
@@ -783,7 +613,7 @@ def load_pixels(
 
 
 def _to_input(pixels: np.ndarray, preprocessing: Preprocessing) -> torch.Tensor:
-    from .engine import pixels_to_tensor
+    from .extraction.forward import pixels_to_tensor
 
     # a copy: decoded pixels may be read-only, and torch warns about those
     return pixels_to_tensor(np.array(pixels[None]), preprocessing)

@@ -39,61 +39,15 @@ import torch
 import torchvision.transforms.v2 as T
 from torch import nn
 
-from .backbones import _AUX, get_spec, load_classifier
-from .config import DEFAULT_MAX_PIXELS, Choice
-from .decode import load_image
+from .backbones import AuxHead, get_spec, load_classifier
+from .config import DEFAULT_MAX_PIXELS, Augment, Device, Mode, Optimizer, Schedule
 from .errors import FinetuneError
-from .preprocess import Preprocessing
-from .sources import ImageRecord, open_source
-from .store import atomic_write_bytes, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text
+from .images.decode import load_image
+from .images.preprocess import Preprocessing
+from .images.sources import ImageRecord, open_source
 
 log = logging.getLogger(__name__)
-
-
-class Mode(Choice):
-    HEAD = "head"
-    PARTIAL = "partial"
-    FULL = "full"
-
-
-class Augment(Choice):
-    NONE = "none"
-    STANDARD = "standard"  # random-resized crop + horizontal flip
-    STRONG = "strong"  # + colour jitter + TrivialAugment
-
-
-class Optimizer(Choice):
-    SGD = "sgd"
-    ADAMW = "adamw"
-
-
-class Schedule(Choice):
-    COSINE = "cosine"
-    STEP = "step"
-
-
-#: what ``partial`` unfreezes when ``--unfreeze`` is not given: the last stage
-DEFAULT_UNFREEZE = {
-    "resnet": ("layer4",),
-    "regnet": ("trunk_output.block4",),
-    "shufflenet": ("stage4", "conv5"),
-    "googlenet": ("inception5a", "inception5b"),
-    "inception": ("Mixed_7a", "Mixed_7b", "Mixed_7c"),
-    "densenet": ("features.denseblock4", "features.norm5"),
-    "mobilenet_v2": ("features.17", "features.18"),
-    "mobilenet_v3": ("features",),  # its last blocks are tiny: the whole trunk is cheap
-    "efficientnet": ("features.7", "features.8"),
-    "convnext": ("features.6", "features.7"),
-    "alexnet": ("features.10", "classifier"),
-    "vgg": ("classifier",),
-    "lenet": ("features.6",),  # C5
-    "timm": ("blocks.6", "conv_head", "bn2"),
-}
-
-#: auxiliary classifier -> loss weight (Szegedy et al. 2015: 0.3; Inception v3 recipe: 0.4)
-AUX_WEIGHT = {"aux1": 0.3, "aux2": 0.3, "AuxLogits": 0.4}
-#: torchvision's training outputs (GoogLeNetOutputs, InceptionOutputs) -> the aux module
-_AUX_OUTPUT = {"aux_logits1": "aux1", "aux_logits2": "aux2", "aux_logits": "AuxLogits"}
 
 
 @dataclass(frozen=True)
@@ -122,13 +76,13 @@ class FinetuneConfig:
     val_size: float = 0.1
     early_stopping: int | None = None
     workers: int = 0
-    device: str = "auto"
+    device: Device = Device.AUTO
     resize_size: int | None = None
     crop_size: int | None = None
 
     def __post_init__(self) -> None:
         for name, kind in (("source", Path), ("out", Path), ("mode", Mode), ("augment", Augment),
-                           ("optimizer", Optimizer), ("schedule", Schedule)):
+                           ("optimizer", Optimizer), ("schedule", Schedule), ("device", Device)):
             object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "unfreeze", tuple(self.unfreeze))
         if self.epochs < 1 or self.batch_size < 1:
@@ -152,17 +106,15 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
-def _final_linears(model: nn.Module) -> list[str]:
+def _final_linears(model: nn.Module, aux_heads: tuple[AuxHead, ...]) -> list[str]:
     """Module paths of the main classifier's last Linear and of each auxiliary head's."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise FinetuneError(f"{type(model).__name__} has no Linear classifier to replace")
-    aux = [n for n in linears if n.split(".")[0] in AUX_WEIGHT]
-    main = [n for n in linears if n.split(".")[0] not in AUX_WEIGHT]
-    heads = [main[-1]]
-    for name in AUX_WEIGHT:
-        mine = [n for n in aux if n.split(".")[0] == name]
-        heads += mine[-1:]
+    aux_modules = {h.module for h in aux_heads}
+    heads = [[n for n in linears if n.split(".")[0] not in aux_modules][-1]]
+    for head in aux_heads:
+        heads += [n for n in linears if n.split(".")[0] == head.module][-1:]
     return heads
 
 
@@ -186,12 +138,13 @@ def build_network(config: FinetuneConfig, n_classes: int) -> tuple[nn.Module, li
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
                 model.aux1, model.aux2 = InceptionAux(512, 1000), InceptionAux(528, 1000)
-        for name in _AUX.get(spec.family, ()):
-            if not aux_wanted and getattr(model, name, None) is not None:
-                setattr(model, name, None)
-        if spec.family in _AUX:
-            model.aux_logits = aux_wanted and any(getattr(model, n, None) is not None for n in _AUX[spec.family])
-        heads = _final_linears(model)
+        aux_heads = spec.family_row.aux_heads
+        for head in aux_heads:
+            if not aux_wanted and getattr(model, head.module, None) is not None:
+                setattr(model, head.module, None)
+        if aux_heads:
+            model.aux_logits = aux_wanted and any(getattr(model, h.module, None) is not None for h in aux_heads)
+        heads = _final_linears(model, aux_heads)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             for path in heads:
@@ -207,15 +160,16 @@ def build_network(config: FinetuneConfig, n_classes: int) -> tuple[nn.Module, li
 
 def trainable_prefixes(config: FinetuneConfig, heads: list[str]) -> list[str]:
     """Module paths whose parameters train: the heads, plus the unfrozen stages."""
-    family = get_spec(config.backbone).family
+    family = get_spec(config.backbone).family_row
     if config.mode == Mode.FULL:
         return [""]
     if config.mode == Mode.HEAD:
         return heads
-    unfreeze = config.unfreeze or DEFAULT_UNFREEZE.get(family, ())
+    unfreeze = config.unfreeze or family.unfreeze
     if not unfreeze:
-        raise FinetuneError(f"no default stage to unfreeze for {family}; pass --unfreeze MODULE")
-    aux = [h.split(".")[0] for h in heads if h.split(".")[0] in AUX_WEIGHT]  # whole aux heads train
+        raise FinetuneError(f"no default stage to unfreeze for {family.name}; pass --unfreeze MODULE")
+    aux_modules = {h.module for h in family.aux_heads}
+    aux = [h.split(".")[0] for h in heads if h.split(".")[0] in aux_modules]  # whole aux heads train
     return [*heads, *aux, *unfreeze]
 
 
@@ -279,7 +233,7 @@ class ImageDataset(torch.utils.data.Dataset):
 def _readable(records: list[ImageRecord], p: Preprocessing) -> tuple[list[ImageRecord], int]:
     """Drop images that cannot be decoded (they are counted, not trained on)."""
     from .config import DecodeMode
-    from .decode import DecodeFailure, decode_file
+    from .images.decode import DecodeFailure, decode_file
 
     ok = [r for r in records
           if not isinstance(decode_file(r.path, p, max_pixels=DEFAULT_MAX_PIXELS, mode=DecodeMode.DRAFT), DecodeFailure)]
@@ -317,23 +271,25 @@ def _schedule(config: FinetuneConfig, opt: torch.optim.Optimizer, steps_per_epoc
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _loss(outputs, y: torch.Tensor, criterion: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss with auxiliary terms, main logits)."""
+def _loss(
+    outputs, y: torch.Tensor, criterion: nn.Module, aux_heads: tuple[AuxHead, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss with the auxiliary heads' weighted terms, main logits)."""
     if isinstance(outputs, tuple) and hasattr(outputs, "_fields"):  # GoogLeNet/InceptionOutputs
         main = outputs.logits
         loss = criterion(main, y)
-        for field, module in _AUX_OUTPUT.items():
-            aux = getattr(outputs, field, None)
+        for head in aux_heads:
+            aux = getattr(outputs, head.output, None)
             if aux is not None:
-                loss = loss + AUX_WEIGHT[module] * criterion(aux, y)
+                loss = loss + head.loss_weight * criterion(aux, y)
         return loss, main
     return criterion(outputs, y), outputs
 
 
 def _normalise(x: torch.Tensor, p: Preprocessing, device: torch.device) -> torch.Tensor:
-    from .engine import normalize
+    from .extraction.forward import standardize
 
-    return normalize(x.to(device, non_blocking=True), p)
+    return standardize(x.to(device, non_blocking=True), p)
 
 
 @torch.inference_mode()
@@ -405,6 +361,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = False) -> FinetuneResul
     if len(classes) < 2:
         raise FinetuneError(f"{config.source}: fine-tuning needs at least two classes, found {classes}")
     model, heads, p, weights = build_network(config, len(classes))
+    aux_heads = get_spec(config.backbone).family_row.aux_heads
     records, skipped = _readable(records, p)
     y_all = np.array([classes.index(r.label) for r in records])
     # the probe's split: the same seed and fraction hold out the same test rows
@@ -466,7 +423,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = False) -> FinetuneResul
         for x, y in bar:
             y = y.to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                loss, logits = _loss(net(prepare(x)), y, criterion)
+                loss, logits = _loss(net(prepare(x)), y, criterion, aux_heads)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -515,13 +472,13 @@ def _write_history(out: Path, history: list[dict]) -> None:
 
 def plot_history(history: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, train vs validation."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import png
 
     epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2), layout="tight")
+    a, b = fig.subplots(1, 2)
     a.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     a.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
     a.set(xlabel="epoch", ylabel="loss")
@@ -529,9 +486,4 @@ def plot_history(history: list[dict], path: Path) -> None:
     b.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
     b.set(xlabel="epoch", ylabel="top-1 accuracy", ylim=(0, 1.02))
     b.legend()
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(png.getvalue(), path)
-
+    atomic_write_bytes(png(fig), path)

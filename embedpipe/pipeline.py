@@ -33,9 +33,7 @@ failing step stops the pipeline with its error; finished steps stay as they are.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
 import json
 import logging
 import os
@@ -47,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PipelineError
-from .store import atomic_write_bytes, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +217,7 @@ class _Runner:
         self.progress = progress
 
     def dataset_path(self, name: str) -> Path:
-        from .datasets import mnist_folder, photo_folder
+        from .images.samples import mnist_folder, photo_folder
 
         d = self.p.datasets[name]
         if "images" in d:
@@ -252,7 +250,7 @@ class _Runner:
 
     def extract(self, step: Step, out: Path) -> str:
         from .config import ExtractConfig
-        from .jobs import extract
+        from .extraction import extract
 
         o = {k: v for k, v in step.options.items() if k != "dataset"}
         o["weights"] = self.weights(step)
@@ -295,35 +293,24 @@ class _Runner:
         return f"report: {files.html}"
 
     def gallery(self, step: Step, out: Path) -> str:
-        from .explain import render_gallery
+        from .gallery import gallery_page, query_galleries
         from .index import Index
+        from .provenance import Provenance
 
         idx = Index.open(self.p.step_dir(step.options["index"]))
         images = Path(self.dataset_root_of(step.options["index"]))
-        out.mkdir(parents=True, exist_ok=True)
         k = int(step.options.get("k", 8))
-        meta = idx.meta
-        figures = []
-        for query in step.options.get("queries", []):
-            results = idx.search_ids([query], k=k, exclude_self=True).to_frame()
-            neighbours = [(images / r.id, r.id, float(r.score)) for r in results.itertuples()]
-            png = render_gallery(
-                images / query, neighbours, k=k, query_id=query, score_name=idx.info.metric,
-                title=f"{meta.get('backbone')} ({meta.get('weights', {}).get('name')}): nearest neighbours",
-            )
-            target = out / Path(query.replace('/', '_')).with_suffix('.png').name
-            atomic_write_bytes(png, target)
-            figures.append((query, png))
-        page = "".join(
-            f"<h2>{html.escape(q)}</h2><img alt='neighbours of {html.escape(q)}' "
-            f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>" for q, png in figures
-        )
-        atomic_write_bytes(
-            f"<!doctype html><meta charset=utf-8><title>Neighbour gallery</title>"
-            f"<body style='font-family:sans-serif'><h1>Neighbour gallery: {html.escape(str(meta.get('backbone')))}"
-            f"</h1>{page}</body>".encode(), out / "index.html",
-        )
-        return f"{len(figures)} galleries -> {out / 'index.html'}"
+        queries = step.options.get("queries", [])
+        results = idx.search_ids(queries, k=k, exclude_self=True).to_frame() if queries else None
+        provenance = Provenance.from_json(idx.meta)
+        galleries = query_galleries(
+            results, {q: images / q for q in queries}, images, provenance=provenance, k=k,
+            score_name=str(idx.info.metric),
+        ) if queries else []
+        for g in galleries:
+            atomic_write_bytes(g.png, out / Path(g.query_id.replace("/", "_")).with_suffix(".png").name)
+        atomic_write_text(gallery_page(galleries, provenance=provenance), out / "index.html")
+        return f"{len(galleries)} galleries -> {out / 'index.html'}"
 
     def dataset_root_of(self, index_step: str) -> str:
         """The image folder behind an index: its input extract step's dataset."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 import math
@@ -27,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from embedpipe.errors import ReportError
-from embedpipe.probe import RESULTS_SCHEMA, ProbeResults
-from embedpipe.store import atomic_write_bytes
+from .errors import ReportError
+from .figures import png as figure_png
+from .files import atomic_write_bytes
+from .probe import RESULTS_SCHEMA, ProbeResults
 
 logger = logging.getLogger(__name__)
 
@@ -173,10 +172,7 @@ def _p_value(p: float) -> str:
 
 
 def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
-    return buf.getvalue()
+    return figure_png(fig, dpi=_DPI)
 
 
 def _label_colors(n_classes: int) -> ListedColormap:

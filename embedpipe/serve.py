@@ -32,10 +32,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from .decode import ErrorType, open_image
 from .errors import EmbedpipeError, IndexInputError, MissingDependencyError, QueryImagesError
+from .files import atomic_write_bytes
+from .images.decode import ErrorType
+from .images.thumbnails import thumbnail_jpeg
 from .index import Index, search_images
-from .store import atomic_write_bytes
+from .provenance import Provenance, WeightsInfo, WeightsKind
 
 try:
     import prometheus_client as prom
@@ -137,15 +139,16 @@ class ImageResolver:
 
 def create_app(config: ServeConfig) -> FastAPI:
     """The ASGI app serving ``config.index``. Loads the index and the query model once."""
-    from .engine import QueryEmbedder
+    from .extraction.forward import QueryEmbedder
 
     index = Index.open(config.index)
-    images = config.images or (Path(index.meta["images"]) if index.meta.get("images") else None)
+    provenance = Provenance.from_json(index.meta)
+    images = config.images or (Path(provenance.images) if provenance.images else None)
     if images is None or not images.is_dir():
         raise IndexInputError(
             f"no image folder to serve thumbnails from ({images}); pass --images IMAGES_ROOT"
         )
-    embedder = QueryEmbedder(index.meta, max_pixels=config.max_pixels) if "backbone" in index.meta else None
+    embedder = QueryEmbedder(index.meta, max_pixels=config.max_pixels) if provenance.known else None
     resolver = ImageResolver(images, index)
     cache = config.cache_dir or config.index / ".thumbnails"
     cache.mkdir(parents=True, exist_ok=True)
@@ -163,9 +166,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         "search_parameter_default": index.info.tuning.value if index.info.tuning else None,
         "max_k": config.max_k,
         "can_search_images": embedder is not None,
-        "backbone": index.meta.get("backbone"),
-        "weights": _public_weights(index.meta.get("weights")),
-        "layer": index.meta.get("layer"),
+        "backbone": provenance.backbone,
+        "weights": _public_weights(provenance.weights),
+        "layer": provenance.layer,
         "labels": sorted({str(x) for x in index.labels if x is not None}),
     }
 
@@ -285,11 +288,13 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
-def _public_weights(weights: dict | None) -> dict | None:
+def _public_weights(weights: WeightsInfo | None) -> dict | None:
     """The weights record with a checkpoint's path cut to its file name."""
-    if not weights or weights.get("kind") != "checkpoint":
-        return weights
-    return {**weights, "name": Path(str(weights.get("name", ""))).name}
+    if weights is None:
+        return None
+    if weights.kind != WeightsKind.CHECKPOINT:
+        return weights.to_dict()
+    return {**weights.to_dict(), "name": Path(weights.name).name}
 
 
 def _save_capped(upload: UploadFile, path: Path, limit: int) -> None:
@@ -306,22 +311,12 @@ def _save_capped(upload: UploadFile, path: Path, limit: int) -> None:
 
 
 def _thumbnail_jpeg(path: Path, size: int, max_pixels: int) -> bytes:
-    """A JPEG of at most ``size`` px on its long side, EXIF-rotated, RGB."""
-    import io
-
-    from PIL import ImageOps
-
+    """The shared thumbnail (upright, RGB, ``size`` px on its long side) as a JPEG; an
+    image that cannot be shown is a 422."""
     try:
-        img = open_image(path.read_bytes(), max_pixels=max_pixels)
-        img = ImageOps.exif_transpose(img)
-        img.draft("RGB", (size, size))
-        img = img.convert("RGB")
-        img.thumbnail((size, size))
+        return thumbnail_jpeg(path, size, max_pixels=max_pixels)
     except EmbedpipeError as e:
         raise HTTPException(422, f"the image cannot be shown: {e}") from None
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
 
 
 def log_access_to_stderr() -> None:

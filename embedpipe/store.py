@@ -45,6 +45,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import MetadataMismatchError, OutputLockedError, StoreError
+from .files import atomic_write, atomic_write_text
+from .provenance import differences, identity
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,6 @@ ERRORS_DIR = "_errors"
 JOURNAL_DIR = "_journal"
 LOCK = "_lock"
 _PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
-
-#: Metadata keys that describe *how* a run went rather than *what* the vectors are;
-#: they may differ between parts of one dataset.
-RUN_KEYS = frozenset({"versions", "created_at", "runtime", "part", "images"})
 
 #: Parts hold about this many bytes of vectors, one row group each: large enough that
 #: reading is a few big sequential reads, small enough to buffer while extracting.
@@ -136,70 +134,26 @@ def embeddings_table(
     )
 
 
-def identity(meta: dict) -> dict:
-    """The part of ``meta`` that determines the vectors (everything but run details)."""
-    return {k: v for k, v in meta.items() if k not in RUN_KEYS}
-
-
 def describe_differences(expected: dict, found: dict) -> list[str]:
     """Human-readable differences between two metadata identities."""
-    a, b = identity(expected), identity(found)
-    return [
-        f"{k}: {json.dumps(b.get(k))} (existing) != {json.dumps(a.get(k))} (requested)"
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k)
-    ]
-
-
-# --- atomic files --------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return differences(found, expected)
 
 
 def atomic_write_parquet(table: pa.Table, path: Path, *, row_group_size: int) -> None:
     """Write ``table`` to ``path`` so that readers see all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     # Vectors do not compress; leaving them plain keeps reads a straight memcpy.
     compression = {n: ("none" if n == "embedding" else "zstd") for n in table.schema.names}
-    try:
-        pq.write_table(
+    atomic_write(
+        path,
+        lambda tmp: pq.write_table(
             table,
             tmp,
             row_group_size=row_group_size,
             compression=compression,
             use_dictionary=[n for n in table.schema.names if n in ("label", "error_type")],
             write_statistics=[n for n in table.schema.names if n != "embedding"],
-        )
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` so that readers see all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    atomic_write_bytes(text.encode("utf-8"), path)
+        ),
+    )
 
 
 # --- reading -------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import os
 import time
 
-from embedpipe.loader import decode_chunk
+from embedpipe.images.loader import decode_chunk
 
 
 def crashy_decode_chunk(paths, preprocessing, max_pixels, mode):

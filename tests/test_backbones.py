@@ -19,12 +19,12 @@ from torchvision.models import get_model
 
 from embedpipe.backbones import (
     BackboneSpec,
-    WeightsKind,
     get_spec,
     list_backbones,
     load_backbone,
     register,
 )
+from embedpipe.backbones.lenet import lenet5
 from embedpipe.config import Layer
 from embedpipe.errors import (
     DuplicateBackboneError,
@@ -32,7 +32,7 @@ from embedpipe.errors import (
     WeightsError,
     WeightsNotFoundError,
 )
-from embedpipe.lenet import lenet5
+from embedpipe.provenance import WeightsKind
 
 
 def tv_model(name: str, seed: int = 0, **kwargs) -> nn.Module:

@@ -300,8 +300,8 @@ def test_query_embeddings_of_another_backbone_are_refused(idx, images, tmp_path)
     other = extract(images, tmp_path / "lenet", "lenet5")
     r = run("search", idx, "--embeddings", other, "-k", "3")
     assert r.exit_code == 1
-    assert "backbone 'lenet5' (queries) vs 'resnet18' (index)" in r.output
-    assert "dim 120 (queries) vs 512 (index)" in r.output
+    assert 'backbone: "lenet5" (queries) != "resnet18" (index)' in r.output
+    assert "dim: 120 (queries) != 512 (index)" in r.output
     assert "Traceback" not in r.output
 
 

@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 
 from embedpipe.cli import main
 from embedpipe.config import ExtractConfig
-from embedpipe.engine import extract
+from embedpipe.extraction import extract
 from embedpipe.probe import stratified_split
 from embedpipe.store import read_embeddings
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_image
 from PIL import Image
 
-from conftest import make_image
 from embedpipe.config import DecodeMode
-from embedpipe.decode import Decoded, DecodeFailure, decode_file
-from embedpipe.preprocess import Preprocessing
+from embedpipe.images.decode import Decoded, DecodeFailure, decode_file
+from embedpipe.images.preprocess import Preprocessing
 
 P = Preprocessing(resize_size=8, crop_size=8)
 RAW = Preprocessing(resize_size=4, crop_size=4)  # the corpus images are 4 px on a side

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image
 from PIL import Image
 from torchvision.models import get_model, get_model_weights
 
-from conftest import make_image
 from embedpipe.config import DecodeMode, ExtractConfig, Layer
-from embedpipe.engine import embed_paths, extract
 from embedpipe.errors import TooManyErrorsError
+from embedpipe.extraction import extract
+from embedpipe.extraction.forward import embed_paths
 from embedpipe.store import list_parts, read_embeddings, read_errors
 
 

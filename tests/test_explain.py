@@ -12,7 +12,8 @@ from conftest import make_image
 from PIL import Image
 from torch import nn
 
-from embedpipe.backbones import WeightsInfo, WeightsKind, load_backbone, load_classifier
+from embedpipe.backbones import load_backbone, load_classifier
+from embedpipe.backbones.lenet import LeNet5
 from embedpipe.cli import main
 from embedpipe.errors import ImageDecodeError
 from embedpipe.explain import (
@@ -30,13 +31,13 @@ from embedpipe.explain import (
     input_gradient,
     layer_names,
     parse_target,
-    render_gallery,
     saliency,
     saliency_map,
     smoothgrad,
     top_feature_maps,
 )
-from embedpipe.lenet import LeNet5
+from embedpipe.gallery import render_gallery
+from embedpipe.provenance import WeightsInfo, WeightsKind
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -18,9 +18,9 @@ from sklearn.linear_model import LogisticRegression
 
 from embedpipe.backbones import load_backbone
 from embedpipe.config import ExtractConfig
-from embedpipe.datasets import mnist_folder
-from embedpipe.engine import extract
+from embedpipe.extraction import extract
 from embedpipe.finetune import FinetuneConfig, build_network, finetune
+from embedpipe.images.samples import mnist_folder
 from embedpipe.probe import stratified_split
 from embedpipe.store import read_embeddings
 
@@ -127,9 +127,9 @@ def test_checkpoint_round_trips_through_extract(stripes, tmp_path):
     model.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
     feats = []
     model.classifier.register_forward_pre_hook(lambda m, a: feats.append(a[0]))
-    from embedpipe.engine import pixels_to_tensor
-    from embedpipe.decode import decode_file
     from embedpipe.config import DecodeMode
+    from embedpipe.extraction.forward import pixels_to_tensor
+    from embedpipe.images.decode import decode_file
 
     p = load_backbone("lenet5", weights="none").preprocessing.__class__(
         resize_size=36, crop_size=32, mean=(0.1307,), std=(0.3081,), channels=1)

@@ -483,7 +483,7 @@ def test_query_metadata_mismatch(database: np.ndarray) -> None:
     index = Index.build(database[:500], meta=META)
     index.check_compatible(json.loads(json.dumps(META)))  # tuples read back as lists: still equal
     with pytest.raises(
-        MetadataMismatchError, match=r"backbone 'resnet50' \(queries\) vs 'resnet18' \(index\)"
+        MetadataMismatchError, match=r'backbone: "resnet50" \(queries\) != "resnet18" \(index\)'
     ):
         index.check_compatible({**META, "backbone": "resnet50"})
 
@@ -631,7 +631,7 @@ def test_build_and_search_from_datasets_on_disk(
     assert list(results.query_id[::3]) == [f"queries/{i:05d}.jpg" for i in range(5)]
 
     other = write_dataset(tmp_path / "other", probe, {**META, "layer": "layer3"}, part_rows=300)
-    with pytest.raises(MetadataMismatchError, match="layer 'layer3' \\(queries\\)"):
+    with pytest.raises(MetadataMismatchError, match='layer: "layer3" \\(queries\\)'):
         search_embeddings(streamed, other, k=3)
     report = streamed.eval(embedding_blocks(emb), n_queries=100)
     assert report.n_queries == 100 and report.recall > 0.9

@@ -5,13 +5,13 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-
 from conftest import make_image
 from crashy import crashy_decode_chunk
-from embedpipe.decode import Decoded, DecodeFailure
-from embedpipe.loader import DecodePool
-from embedpipe.preprocess import Preprocessing
-from embedpipe.sources import scan_folder
+
+from embedpipe.images.decode import Decoded, DecodeFailure
+from embedpipe.images.loader import DecodePool
+from embedpipe.images.preprocess import Preprocessing
+from embedpipe.images.sources import scan_folder
 
 P = Preprocessing(resize_size=16, crop_size=16)
 

@@ -7,8 +7,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import make_image
+
 from embedpipe.pipeline import STEP_RECORD, PipelineError, load_pipeline, run_pipeline
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from embedpipe.config import ExtractConfig
-from embedpipe.engine import bf16_supported_on_cpu, cpu_count, plan
 from embedpipe.errors import DeviceError
+from embedpipe.extraction.plan import bf16_supported_on_cpu, cpu_count, plan
 
 
 def cfg(**kw) -> ExtractConfig:

@@ -9,8 +9,8 @@ from PIL import Image
 from torchvision.models import get_model_weights
 
 from embedpipe.backbones import get_spec
-from embedpipe.engine import pixels_to_tensor
-from embedpipe.preprocess import Preprocessing
+from embedpipe.extraction.forward import pixels_to_tensor
+from embedpipe.images.preprocess import Preprocessing
 
 
 def _photo(w: int, h: int, seed: int = 0) -> Image.Image:

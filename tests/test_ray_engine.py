@@ -21,10 +21,10 @@ from click.testing import CliRunner
 from conftest import make_image
 from PIL import Image
 
-from embedpipe import engine
 from embedpipe.cli import main
 from embedpipe.config import ExtractConfig
 from embedpipe.errors import MetadataMismatchError, MissingDependencyError, TooManyErrorsError
+from embedpipe.extraction import local as engine
 from embedpipe.store import identity, read_embeddings, read_errors
 
 ray = pytest.importorskip("ray")
@@ -52,7 +52,7 @@ def ray_instance(tmp_path_factory):
 
 
 def _run_ray(**options):
-    from embedpipe import ray_engine
+    from embedpipe.extraction import ray as ray_engine
 
     return ray_engine.extract(ExtractConfig(engine="ray", **options))
 
@@ -112,8 +112,8 @@ def test_a_decode_actor_turns_a_crashing_or_hanging_decoder_into_error_rows(imag
     """The actor's own logic, run in this process: Ray only schedules it."""
     from crashy import crashy_decode_chunk
 
-    from embedpipe.preprocess import Preprocessing
-    from embedpipe.ray_engine import DecodeActor
+    from embedpipe.extraction.ray import DecodeActor
+    from embedpipe.images.preprocess import Preprocessing
 
     make_image(image_folder / "cats" / "crash.jpg", seed=1)
     make_image(image_folder / "cats" / "hang.jpg", seed=2)
@@ -224,7 +224,7 @@ def test_device_decoding_is_for_the_local_engine(image_folder, tmp_path):
 
 
 def test_missing_ray_says_how_to_install_it(image_folder, tmp_path, monkeypatch):
-    from embedpipe import ray_engine
+    from embedpipe.extraction import ray as ray_engine
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(MissingDependencyError, match=r'pip install "embedpipe\[ray\]"'):
@@ -234,7 +234,7 @@ def test_missing_ray_says_how_to_install_it(image_folder, tmp_path, monkeypatch)
 
 def test_every_entry_point_runs_the_engine_the_config_names(image_folder, tmp_path, monkeypatch):
     import embedpipe
-    from embedpipe import ray_engine
+    from embedpipe.extraction import ray as ray_engine
 
     monkeypatch.setattr(ray_engine, "extract", lambda config, progress=False: ("ray", config.out))
     monkeypatch.setattr(engine, "extract", lambda config, progress=False: ("local", config.out))
@@ -244,6 +244,6 @@ def test_every_entry_point_runs_the_engine_the_config_names(image_folder, tmp_pa
 
 
 def test_the_core_never_imports_ray():
-    code = ("import sys, embedpipe.engine, embedpipe.jobs, embedpipe.pipeline, embedpipe.cli; "
+    code = ("import sys, embedpipe.extraction.forward, embedpipe.extraction, embedpipe.pipeline, embedpipe.cli; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

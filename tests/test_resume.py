@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_image
+
 from embedpipe.store import _Journal, list_parts, read_embeddings
 
 N = 36

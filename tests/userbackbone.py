@@ -6,7 +6,7 @@ import time
 from torch import nn
 
 from embedpipe.backbones import CustomBackbone
-from embedpipe.preprocess import Preprocessing
+from embedpipe.images.preprocess import Preprocessing
 
 
 class TinyNet(nn.Module):

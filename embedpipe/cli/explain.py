@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from . import main
+from .app import main
 from ._common import friendly_errors
 
 _IMAGE = click.Path(exists=True, dir_okay=False, path_type=Path)

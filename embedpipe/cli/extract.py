@@ -17,7 +17,7 @@ from ..config import (
     Precision,
 )
 from ..uris import is_uri
-from . import main
+from .app import main
 from ._common import echo_json, enum_choice, friendly_errors
 
 
@@ -35,7 +35,7 @@ def backbones(source: str, pattern: str | None, fmt: str) -> None:
     from ..backbones import available_weights, get_spec, list_backbones
 
     if source == "timm":
-        from ..timm_backbones import list_timm
+        from ..backbones.timm import list_timm
 
         specs = [get_spec(n) for n in list_timm(pattern.removeprefix("timm/") if pattern else "*")]
     else:
@@ -132,7 +132,7 @@ def extract(ctx: click.Context, source: Path | str, **options) -> None:
         config = ExtractConfig(source=source, **options)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    from ..jobs import extract as run_extract
+    from ..extraction import extract as run_extract
 
     summary = run_extract(config, progress=ctx.obj["progress"])
     click.echo(summary.line())
@@ -150,19 +150,13 @@ def info(path: Path, as_json: bool) -> None:
     if as_json:
         echo_json(d)
         return
-    w = d["weights"]
-    weights = w["name"] + ("" if w["pretrained"] else f" (random init, seed {w['seed']})")
-    p = d["preprocessing"]
+    from ..provenance import Provenance
+
     lines = {
         "path": d["path"],
         "rows": d["rows"],
-        "dim": d["dim"],
-        "backbone": f"{d['backbone']} ({d['family']}), layer {d['layer']}",
-        "weights": weights,
-        "preprocessing": f"resize {p['resize_size']}, crop {p['crop_size']}, {p['interpolation']}, "
-        f"mean {p['mean']}, std {p['std']}",
-        "precision": f"{d['precision']}, stored as {d['embedding_dtype']}"
-        + (", L2-normalised" if d["normalize"] else ""),
+        "dim": d.get("dim", "?"),
+        **Provenance.from_json(d).lines(),
         "labels": ", ".join(f"{k}: {v}" for k, v in sorted(d["labels"].items())) or "none",
         "errors": f"{d['errors']} " + str(d["errors_by_type"] or ""),
         "files": f"{len(d['files'])} parts",

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..finetune import Augment, FinetuneConfig, Mode, Optimizer, Schedule
-from . import main
+from ..config import Augment, Device, Mode, Optimizer, Schedule
+from .app import main
 from ._common import enum_choice, friendly_errors
 
 
@@ -36,12 +36,15 @@ from ._common import enum_choice, friendly_errors
 @click.option("--val-size", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.1)
 @click.option("--early-stopping", type=click.IntRange(min=1), help="Stop after N epochs without a better validation accuracy.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="DataLoader worker processes.")
+@click.option("--device", type=enum_choice(Device), default=Device.AUTO.value,
+              help="auto: the GPU when torch sees one, else the CPU.")
 @click.option("--resize-size", type=click.IntRange(min=1))
 @click.option("--crop-size", type=click.IntRange(min=1))
 @click.pass_context
 @friendly_errors
 def finetune(ctx: click.Context, source: Path, **options) -> None:
     """Fine-tune a backbone on the labelled images under SOURCE; re-run to resume."""
+    from ..finetune import FinetuneConfig
     from ..finetune import finetune as run
 
     options["unfreeze"] = tuple(options["unfreeze"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from ..config import Choice
-from . import main
+from .app import main
 from ._common import echo_json, enum_choice, friendly_errors
 
 # The values of embedpipe.index.Metric, spelt out so that building the command line does
@@ -275,6 +275,7 @@ def search(
         raise click.UsageError("--format parquet needs --out FILE")
 
     from ..index import Index, search_embeddings, search_images
+    from ..provenance import Provenance
 
     opened = Index.open(index_dir)
     if images:
@@ -289,7 +290,7 @@ def search(
         results = search_embeddings(opened, embeddings, k, exclude_self=exclude_self, **knobs)
     _write_results(results.to_arrow(), fmt, out)
     if gallery is not None:
-        root = images_root or Path(opened.meta.get("images", ""))
+        root = images_root or Path(Provenance.from_json(opened.meta).images or "")
         if not root.is_dir():
             raise click.UsageError("--gallery needs --images-root: the index does not record an image folder")
         queries = {q: (Path(q) if images else root / q) for q in [*images, *ids, *more]}
@@ -301,19 +302,17 @@ def search(
 
 def _write_galleries(frame, queries: dict[str, Path], root: Path, target: Path, *, k: int, opened) -> None:
     """One PNG per query: the query beside its neighbours, ranks, ids and scores."""
-    from ..explain import render_gallery
-    from ..store import atomic_write_bytes
+    from ..files import atomic_write_bytes
+    from ..gallery import query_galleries
+    from ..provenance import Provenance
 
-    w = opened.meta.get("weights", {})
-    title = f"{opened.meta.get('backbone')} ({w.get('name')}{'' if w.get('pretrained') else ', random init'})"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for n, (query_id, path) in enumerate(queries.items()):
-        rows = frame[frame["query_id"] == query_id]
-        neighbours = [(root / r.id, r.id, float(r.score)) for r in rows.itertuples()]
-        png = render_gallery(path, neighbours, title=f"{title}: nearest neighbours", k=k,
-                             query_id=query_id, score_name=str(opened.info.metric))
-        out = target if len(queries) == 1 else target.with_name(f"{target.stem}_{n}{target.suffix}")
-        atomic_write_bytes(png, out)
+    galleries = query_galleries(
+        frame, queries, root, provenance=Provenance.from_json(opened.meta), k=k,
+        score_name=str(opened.info.metric),
+    )
+    for n, g in enumerate(galleries):
+        out = target if len(galleries) == 1 else target.with_name(f"{target.stem}_{n}{target.suffix}")
+        atomic_write_bytes(g.png, out)
         click.echo(f"gallery: {out}", err=True)
 
 
@@ -346,30 +345,9 @@ def _build_lines(info) -> dict[str, str]:
 
 
 def _embeddings_lines(meta: dict, path: str | None) -> dict[str, str]:
-    lines = {"embeddings": path or "not recorded"}
-    if "backbone" in meta:
-        lines["backbone"] = (
-            f"{meta['backbone']} ({meta.get('family', '?')}), layer {meta.get('layer', '?')}"
-        )
-    weights = meta.get("weights")
-    if isinstance(weights, dict):
-        seed = (
-            f" (random init, seed {weights.get('seed')})"
-            if not weights.get("pretrained", True)
-            else ""
-        )
-        lines["weights"] = f"{weights.get('name')}{seed}"
-    p = meta.get("preprocessing")
-    if isinstance(p, dict):
-        lines["preprocessing"] = (
-            f"resize {p.get('resize_size')}, crop {p.get('crop_size')}, {p.get('interpolation')}, "
-            f"mean {p.get('mean')}, std {p.get('std')}"
-        )
-    if "precision" in meta:
-        lines["precision"] = f"{meta['precision']}" + (
-            ", L2-normalised" if meta.get("normalize") else ""
-        )
-    return lines
+    from ..provenance import Provenance
+
+    return {"embeddings": path or "not recorded", **Provenance.from_json(meta).lines()}
 
 
 def _write_results(table, fmt: ResultFormat, out: Path | None) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..probe import IdAlignment
-from . import main
+from ..config import IdAlignment
+from .app import main
 from ._common import enum_choice, friendly_errors
 
 

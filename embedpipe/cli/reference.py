@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from . import main
+from .app import main
 
 
 def _commands(group: click.Group, ctx: click.Context, prefix: str):

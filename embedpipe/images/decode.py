@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import Choice, DecodeMode
-from .errors import ImageDecodeError
+from ..config import Choice, DecodeMode
+from ..errors import ImageDecodeError
+from ..uris import is_uri, read_bytes
 from .preprocess import Preprocessing
-from .uris import is_uri, read_bytes
 
 Image.init()  # registers every plugin, so that ``Image.ID`` lists what this Pillow reads
 #: Formats Pillow may decode; anything else is refused as not an image. MPO (the

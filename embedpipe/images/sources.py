@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import SourceError
-from .uris import is_uri, join, list_files
+from ..errors import SourceError
+from ..uris import is_uri, join, list_files
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MANIFEST_SUFFIXES = (".csv", ".parquet")

@@ -24,11 +24,14 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .backbones import BackboneSpec, WeightsInfo, WeightsKind, _sha256, load_into
-from .config import Layer
-from .errors import UnknownBackboneError, WeightsError, WeightsNotFoundError
+from ..config import Layer
+from ..errors import UnknownBackboneError, WeightsError, WeightsNotFoundError
+from ..files import sha256_file
+from ..images.preprocess import Preprocessing
+from ..provenance import WeightsInfo, WeightsKind
 from .keymaps import lukemelas_efficientnet
-from .preprocess import Preprocessing
+from .spec import BackboneSpec
+from .weights import load_into
 
 
 def _timm():
@@ -183,7 +186,7 @@ def lite0_pretrained() -> tuple[nn.Module, WeightsInfo]:
     state = lukemelas_efficientnet(torch.load(path, map_location="cpu", weights_only=True))
     load_into(model, state, set(), what=f"{LITE0_PACKAGE}'s {path.name}", spec=EFFICIENTNET_LITE0)
     return model, WeightsInfo(
-        WeightsKind.PACKAGE, f"{LITE0_PACKAGE}/{path.name}", pretrained=True, sha256=_sha256(path),
+        WeightsKind.PACKAGE, f"{LITE0_PACKAGE}/{path.name}", pretrained=True, sha256=sha256_file(path),
         key_map="lukemelas-efficientnet-lite0",
     )
 

@@ -25,6 +25,7 @@ Ray is an optional extra; nothing else in the package imports this module.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -36,25 +37,25 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from .config import DecodeMode, Device, ExtractConfig
-from .decode import Decoded
-from .engine import (
-    BatchEmbedder,
+from ..config import DecodeMode, Device, ExtractConfig
+from ..errors import MissingDependencyError
+from ..images.decode import Decoded
+from ..images.loader import DecodePool
+from ..images.preprocess import Preprocessing
+from ..images.sources import ImageRecord, open_source
+from ..store import DatasetWriter
+from .forward import BatchEmbedder
+from .job import (
+    Embedded,
     ExtractSummary,
-    build_meta,
-    cpu_count,
-    error_limit,
-    finish,
+    Failed,
+    JobWriter,
+    build_provenance,
     load_embedder,
     pending,
-    plan,
     progress_bar,
 )
-from .errors import MissingDependencyError
-from .loader import DecodePool
-from .preprocess import Preprocessing
-from .sources import ImageRecord, open_source
-from .store import ERRORS_SCHEMA, DatasetWriter, embeddings_table
+from .plan import cpu_count, plan
 
 if TYPE_CHECKING:
     import ray
@@ -76,6 +77,57 @@ def import_ray():
             f"--engine ray needs Ray Data ({e}); install it with: pip install \"embedpipe[ray]\""
         ) from e
     return ray
+
+
+# --- rows between the actors ---------------------------------------------------------
+
+
+@dataclass
+class DecodedRows:
+    """What a decode actor hands the model actors: ``pixels`` (B, crop, crop, C) uint8
+    and, per row, the decode result (``error_type`` ``""`` for success; failed rows keep
+    zero pixels and travel on so that the driver records them). After the model actor,
+    ``pixels`` is gone and ``vectors`` (B, D) float32 is there.
+
+    Ray Data moves batches as dicts of arrays: :meth:`to_batch` and :meth:`of` convert at
+    the actors' edges, so no code probes a batch by key.
+    """
+
+    id: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    content_hash: np.ndarray
+    error_type: np.ndarray
+    message: np.ndarray
+    pixels: np.ndarray | None = None
+    vectors: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, ids: np.ndarray, shape: tuple[int, ...]) -> DecodedRows:
+        n = len(ids)
+        return cls(
+            id=ids,
+            width=np.full(n, -1, np.int32),
+            height=np.full(n, -1, np.int32),
+            content_hash=np.full(n, "", object),
+            error_type=np.full(n, "", object),
+            message=np.full(n, "", object),
+            pixels=np.zeros((n, *shape), np.uint8),
+        )
+
+    @classmethod
+    def of(cls, batch: dict[str, np.ndarray]) -> DecodedRows:
+        return cls(**batch)
+
+    def to_batch(self) -> dict[str, np.ndarray]:
+        # not dataclasses.asdict, which would deep-copy every array
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: v for k, v in values.items() if v is not None}
+
+    @property
+    def ok(self) -> np.ndarray:
+        """(B,) bool: rows that decoded."""
+        return self.error_type == ""
 
 
 # --- the actors ----------------------------------------------------------------------
@@ -104,25 +156,18 @@ class DecodeActor:
         ).__enter__()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["id"])
-        out = {
-            "pixels": np.zeros((n, *self.shape), np.uint8),
-            "width": np.full(n, -1, np.int32),
-            "height": np.full(n, -1, np.int32),
-            "content_hash": np.full(n, "", object),
-            "error_type": np.full(n, "", object),
-            "message": np.full(n, "", object),
-        }
+        """``{"id", "path"}`` -> :meth:`DecodedRows.to_batch`."""
+        rows = DecodedRows.empty(batch["id"], self.shape)
         records = [ImageRecord(str(i), str(p), None, -1, -1) for i, p in zip(batch["id"], batch["path"])]
         for row, (_, result) in enumerate(self.pool.imap(records)):
             if isinstance(result, Decoded):
-                out["pixels"][row] = result.pixels.reshape(self.shape)
-                out["width"][row], out["height"][row] = result.width, result.height
-                out["content_hash"][row] = result.content_hash
+                rows.pixels[row] = result.pixels.reshape(self.shape)
+                rows.width[row], rows.height[row] = result.width, result.height
+                rows.content_hash[row] = result.content_hash
             else:
-                out["error_type"][row] = result.error_type.value
-                out["message"][row] = result.message
-        return {"id": batch["id"], **out}
+                rows.error_type[row] = result.error_type.value
+                rows.message[row] = result.message
+        return rows.to_batch()
 
     def __del__(self) -> None:
         self.pool.__exit__(None, None, None)
@@ -140,15 +185,16 @@ class EmbedActor:
         runtime = replace(plan(config), threads=threads)
         if runtime.device == "cpu":
             torch.set_num_threads(threads)
-        self.forward = BatchEmbedder(load_embedder(config), runtime, normalize=config.normalize)
+        self.forward = BatchEmbedder(load_embedder(config), runtime, l2_normalize=config.normalize)
         self.dim = self.forward.model.dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["error_type"] == ""
+        rows = DecodedRows.of(batch)
+        ok = rows.ok
         vectors = np.zeros((len(ok), self.dim), np.float32)
         if ok.any():
-            vectors[ok] = self.forward(batch["pixels"][ok])
-        return {**{k: v for k, v in batch.items() if k != "pixels"}, "vector": vectors}
+            vectors[ok] = self.forward(rows.pixels[ok])
+        return dataclasses.replace(rows, pixels=None, vectors=vectors).to_batch()
 
 
 # --- the driver ----------------------------------------------------------------------
@@ -198,20 +244,6 @@ def _records_blocks(records: list[ImageRecord], cpus: int) -> list[pa.Table]:
     table = pa.table({"id": [r.id for r in records], "path": [r.path for r in records]})
     rows = min(1024, max(8, math.ceil(len(records) / (4 * cpus))))
     return [table.slice(i, rows) for i in range(0, len(records), rows)]
-
-
-def _errors(batch: dict[str, np.ndarray], records: list[ImageRecord]) -> pa.Table:
-    return pa.table(
-        {
-            "id": [r.id for r in records],
-            "path": [r.path for r in records],
-            "error_type": batch["error_type"].tolist(),
-            "message": batch["message"].tolist(),
-            "size": [r.size for r in records],
-            "mtime_ns": [r.mtime_ns for r in records],
-        },
-        schema=ERRORS_SCHEMA,
-    )
 
 
 @dataclass(frozen=True)
@@ -294,36 +326,29 @@ def _results(
         )
 
 
-def _write(
-    writer: DatasetWriter, batch: dict[str, np.ndarray], by_id: dict[str, ImageRecord], config: ExtractConfig
-) -> tuple[int, list[str]]:
-    """One batch of results -> embeddings and error rows; ``(embedded, error types)``."""
-    ok = batch["error_type"] == ""
-    if ok.any():
-        done = [by_id[i] for i in batch["id"][ok]]
-        writer.append(
-            embeddings_table(
-                ids=[r.id for r in done],
-                labels=[r.label for r in done],
-                vectors=batch["vector"][ok].astype(config.embedding_dtype.value),
-                width=batch["width"][ok],
-                height=batch["height"][ok],
-                size=[r.size for r in done],
-                mtime_ns=[r.mtime_ns for r in done],
-                content_hash=batch["content_hash"][ok].tolist(),
-                schema=writer.schema,
-            )
-        )
-    failed = {k: v[~ok] for k, v in batch.items()}
-    if len(failed["id"]):
-        writer.append_errors(_errors(failed, [by_id[i] for i in failed["id"]]))
-    return int(ok.sum()), failed["error_type"].tolist()
+def _rows(rows: DecodedRows, by_id: dict[str, ImageRecord]) -> tuple[Embedded, Failed]:
+    """One batch of model-actor output -> the typed rows the job writer takes."""
+    ok = rows.ok
+    bad = ~ok
+    embedded = Embedded(
+        records=[by_id[i] for i in rows.id[ok]],
+        vectors=rows.vectors[ok],
+        width=rows.width[ok],
+        height=rows.height[ok],
+        content_hash=rows.content_hash[ok].tolist(),
+    )
+    failed = Failed(
+        records=[by_id[i] for i in rows.id[bad]],
+        error_type=rows.error_type[bad].tolist(),
+        message=rows.message[bad].tolist(),
+    )
+    return embedded, failed
 
 
 def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
     """Embed every image of ``config.source`` into ``config.out`` with Ray Data.
 
-    The dataset is the one :func:`embedpipe.engine.extract` writes (same rows, schema
+    The dataset is the one :func:`embedpipe.extraction.local.extract` writes (same rows, schema
     and metadata, up to the recorded runtime), and the same guarantees hold: unreadable
     images become error records, a re-run embeds only what is missing.
     """
@@ -339,23 +364,25 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
     embedder = load_embedder(config)  # fails fast on missing weights, before any cluster work
     records = open_source(config.source)
     seconds: Counter[str] = Counter()
-    errors_by_type: Counter[str] = Counter()
     with ray_session(config.ray_address) as ray, _quiet("ray.data"):
         import ray.data
 
         plan = _Plan.of(config, ray.cluster_resources())
-        meta = build_meta(embedder, config, plan.runtime(config))
+        provenance = build_provenance(embedder, config, plan.runtime(config))
         preprocessing = embedder.preprocessing
         del embedder  # the actors load their own
         seconds["load"] = time.perf_counter() - t0
 
-        with DatasetWriter(config.out, meta, overwrite=config.overwrite, part_rows=config.part_rows) as writer:
+        with DatasetWriter(
+            config.out, provenance.to_json(), overwrite=config.overwrite, part_rows=config.part_rows
+        ) as writer:
             todo, dropped = pending(writer, records)
             summary = ExtractSummary(
                 out=str(config.out), images=len(records), embedded=0,
-                skipped=len(records) - len(todo), errors=0, dropped=dropped, runtime=meta["runtime"],
+                skipped=len(records) - len(todo), errors=0, dropped=dropped,
+                runtime=dict(provenance.runtime),
             )
-            limit = error_limit(config.max_errors, len(todo))
+            job = JobWriter(writer, config, summary, len(todo))
             log.info("%s: %d images, %d to embed on Ray (%d CPUs, %d model actors)",
                      config.out, len(records), len(todo), plan.cluster_cpus, plan.concurrency)
             ctx = ray.data.DataContext.get_current()
@@ -364,19 +391,11 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
             by_id = {r.id: r for r in todo}
             batches = _results(ray, todo, config, plan, preprocessing)
             with progress_bar(len(todo), progress) as bar, contextlib.closing(batches):
-                while True:
+                while not job.stopped:
                     t = time.perf_counter()
                     batch = next(batches, None)
                     seconds["wait"] += time.perf_counter() - t
                     if batch is None:
                         break
-                    t = time.perf_counter()
-                    embedded, failed = _write(writer, batch, by_id, config)
-                    seconds["write"] += time.perf_counter() - t
-                    summary.embedded += embedded
-                    summary.errors += len(failed)
-                    errors_by_type.update(failed)
-                    bar.update(embedded + len(failed))
-                    if limit is not None and summary.errors > limit:
-                        break
-    return finish(config, summary, errors_by_type, seconds, t0, limit)
+                    bar.update(job.write(*_rows(DecodedRows.of(batch), by_id)))
+    return job.finish(seconds, t0)

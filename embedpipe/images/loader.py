@@ -19,11 +19,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from pebble import ProcessExpired, ProcessPool
 
-from .config import DecodeMode
+from ..config import DecodeMode
 from .decode import Decoded, DecodeFailure, ErrorType, decode_file
 from .preprocess import Preprocessing
 from .sources import ImageRecord
-
 
 #: fork where it is safe and usual (Linux: PyTorch's DataLoader does the same), spawn
 #: elsewhere. Workers never touch torch or OpenMP, the parts of the parent that fork

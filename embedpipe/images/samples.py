@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .store import atomic_write_text
+from ..files import atomic_write, atomic_write_text
 
 _DONE = ".complete"
 
@@ -26,10 +26,8 @@ def _complete(root: Path, stamp: str) -> bool:
 
 
 def _save(img: Image.Image, path: Path, **kwargs) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format=kwargs.pop("format", None) or Image.registered_extensions()[path.suffix], **kwargs)
-    os.replace(tmp, path)
+    fmt = Image.registered_extensions()[path.suffix]
+    atomic_write(path, lambda tmp: img.save(tmp, format=fmt, **kwargs))
 
 
 def mnist_folder(

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from .errors import WeightsError
+from ..errors import WeightsError
 
 T = TypeVar("T")
 KeyMap = Callable[[dict[str, T]], dict[str, T]]

@@ -18,8 +18,8 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .decode import Decoded, DecodeFailure, EncodedJPEG, ErrorType
-from .preprocess import Preprocessing
+from ..images.decode import Decoded, DecodeFailure, EncodedJPEG, ErrorType
+from ..images.preprocess import Preprocessing
 
 # torchvision 0.29 announces that TorchCodec will take over image decoding; until it
 # does, decode_jpeg is the maintained nvJPEG binding that ships with torchvision.

@@ -1,0 +1,240 @@
+"""The extraction job's pieces that both engines share, on purpose in one place.
+
+Planning what is left to do (:func:`pending`), the provenance a run records, the typed
+rows passed between stages (:class:`Embedded`, :class:`Failed`), the last stage that
+writes them (:class:`JobWriter`: error rows, the embeddings table, the summary and the
+``--max-errors`` limit), and the progress bar.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import platform
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .. import __version__
+from ..backbones import Embedder, load_backbone
+from ..config import ExtractConfig
+from ..errors import TooManyErrorsError
+from ..images.decode import DecodeFailure
+from ..images.sources import ImageRecord
+from ..provenance import Provenance
+from ..store import ERRORS_SCHEMA, DatasetWriter, embeddings_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractSummary:
+    """What a run did. ``seconds`` splits the wall time by stage."""
+
+    out: str
+    images: int  # in the source
+    embedded: int  # by this run
+    skipped: int  # already embedded and unchanged, or already recorded as errors
+    errors: int  # recorded by this run
+    dropped: int  # rows of deleted or changed files removed
+    errors_by_type: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        wall = self.seconds.get("total", 0.0)
+        return self.embedded / wall if wall else 0.0
+
+    def line(self) -> str:
+        """The one-line summary the CLI prints."""
+        errs = f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.errors_by_type.items()))})" if self.errors else ""
+        return (
+            f"{self.embedded} embedded, {self.skipped} already done, {self.errors} errors{errs}, "
+            f"{self.dropped} dropped; {self.images_per_second:.1f} images/s -> {self.out}"
+        )
+
+
+def build_provenance(embedder: Embedder, config: ExtractConfig, runtime: dict) -> Provenance:
+    """The provenance written into every part: what made the vectors, and how the run
+    went (``runtime``: where and how it ran, which engine, devices, batch size)."""
+    import PIL
+    import pyarrow
+    import torchvision
+
+    return replace(
+        embedder.provenance(),
+        precision=config.precision.value,
+        decode=config.decode.value,
+        embedding_dtype=config.embedding_dtype.value,
+        normalize=config.normalize,
+        runtime=runtime,
+        images=config.source if isinstance(config.source, str) else str(config.source.absolute()),
+        versions={
+            "embedpipe": __version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "pillow": PIL.__version__,
+            "pyarrow": pyarrow.__version__,
+            "python": platform.python_version(),
+        },
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def error_limit(max_errors: float | None, todo: int) -> int | None:
+    """``--max-errors`` as a number of images: a count, or a fraction of ``todo`` below 1."""
+    if max_errors is None:
+        return None
+    return int(max_errors) if max_errors >= 1 or max_errors == 0 else math.ceil(max_errors * todo)
+
+
+def load_embedder(config: ExtractConfig) -> Embedder:
+    """The frozen backbone of a job, with ``--resize-size``/``--crop-size`` applied."""
+    embedder = load_backbone(
+        config.backbone, weights=config.weights, layer=config.layer, seed=config.seed,
+        key_map=config.weights_key_map,
+    )
+    p = embedder.preprocessing
+    if config.resize_size or config.crop_size:
+        p = replace(p, resize_size=config.resize_size or p.resize_size, crop_size=config.crop_size or p.crop_size)
+    embedder.preprocessing = p
+    return embedder
+
+
+def pending(writer: DatasetWriter, records: list[ImageRecord]) -> tuple[list[ImageRecord], int]:
+    """What a (re-)run still has to do: ``(records to embed, rows dropped)``.
+
+    Images already embedded or recorded as errors with the same size and mtime are
+    skipped; rows of changed or deleted files are dropped from the dataset, and changed
+    files embedded again.
+    """
+    embedded, errored = writer.embedded(), writer.errored()
+    current = {r.id: (r.size, r.mtime_ns) for r in records}
+    stale = {i for i, st in embedded.items() if current.get(i) != st}
+    stale |= {i for i, st in errored.items() if current.get(i) != st}
+    dropped = sum(writer.drop(stale))
+    todo = [r for r in records if (r.id not in embedded and r.id not in errored) or r.id in stale]
+    return todo, dropped
+
+
+@dataclass
+class Embedded:
+    """Rows that became vectors: ``vectors`` (n, D) float32, one per record."""
+
+    records: list[ImageRecord]
+    vectors: np.ndarray
+    width: Sequence[int]
+    height: Sequence[int]
+    content_hash: Sequence[str]
+
+
+@dataclass
+class Failed:
+    """Rows that could not be embedded, and why (an :class:`ErrorType` value each)."""
+
+    records: list[ImageRecord]
+    error_type: Sequence[str]
+    message: Sequence[str]
+
+    @classmethod
+    def of(cls, failed: list[tuple[ImageRecord, DecodeFailure]]) -> Failed:
+        return cls(
+            [r for r, _ in failed],
+            [f.error_type.value for _, f in failed],
+            [f.message for _, f in failed],
+        )
+
+
+class JobWriter:
+    """Both engines' last stage: batches of :class:`Embedded` and :class:`Failed` rows
+    into the dataset, counted in the summary, timed, stopped at ``--max-errors``."""
+
+    def __init__(
+        self, writer: DatasetWriter, config: ExtractConfig, summary: ExtractSummary, todo: int
+    ) -> None:
+        self.writer, self.config, self.summary = writer, config, summary
+        self.limit = error_limit(config.max_errors, todo)
+        self.errors_by_type: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()
+
+    def write(self, embedded: Embedded | None, failed: Failed | None) -> int:
+        """Append one batch; returns the rows it accounted for (for the progress bar)."""
+        t = time.perf_counter()
+        rows = 0
+        if embedded is not None and embedded.records:
+            records = embedded.records
+            self.writer.append(
+                embeddings_table(
+                    ids=[r.id for r in records],
+                    labels=[r.label for r in records],
+                    vectors=embedded.vectors.astype(self.config.embedding_dtype.value, copy=False),
+                    width=embedded.width,
+                    height=embedded.height,
+                    size=[r.size for r in records],
+                    mtime_ns=[r.mtime_ns for r in records],
+                    content_hash=embedded.content_hash,
+                    schema=self.writer.schema,
+                )
+            )
+            self.summary.embedded += len(records)
+            rows += len(records)
+        if failed is not None and failed.records:
+            self.writer.append_errors(errors_table(failed))
+            self.errors_by_type.update(failed.error_type)
+            self.summary.errors += len(failed.records)
+            rows += len(failed.records)
+            for r, kind, message in zip(failed.records, failed.error_type, failed.message):
+                log.debug("%s: %s: %s", r.id, kind, message)
+        self.seconds["write"] += time.perf_counter() - t
+        return rows
+
+    @property
+    def stopped(self) -> bool:
+        """More images failed than ``--max-errors`` allows."""
+        return self.limit is not None and self.summary.errors > self.limit
+
+    def finish(self, seconds: Counter[str], t0: float) -> ExtractSummary:
+        """The completed summary; raises :class:`TooManyErrorsError` (the work done is
+        committed by then) if the run stopped at the ``--max-errors`` limit."""
+        summary, config = self.summary, self.config
+        summary.errors_by_type = dict(self.errors_by_type)
+        seconds = seconds + self.seconds
+        seconds["total"] = time.perf_counter() - t0
+        summary.seconds = dict(seconds)
+        if self.stopped:
+            raise TooManyErrorsError(
+                f"stopped after {summary.errors} unreadable images (more than --max-errors "
+                f"{config.max_errors:g} allows): {summary.errors_by_type}. The {summary.embedded} "
+                f"images embedded so far are saved in {config.out}; see {config.out}/_errors/ "
+                "for the failures, then re-run to continue."
+            )
+        return summary
+
+
+def errors_table(failed: Failed) -> pa.Table:
+    """Error rows in :data:`~embedpipe.store.ERRORS_SCHEMA`."""
+    records = failed.records
+    return pa.table(
+        {
+            "id": [r.id for r in records],
+            "path": [r.path for r in records],
+            "error_type": list(failed.error_type),
+            "message": list(failed.message),
+            "size": [r.size for r in records],
+            "mtime_ns": [r.mtime_ns for r in records],
+        },
+        schema=ERRORS_SCHEMA,
+    )
+
+
+def progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.05)

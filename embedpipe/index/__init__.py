@@ -1,0 +1,67 @@
+"""FAISS indexes over embeddings: choose, train, add, tune, save, open and search.
+
+The compute here takes arrays and re-iterable sources of blocks, never paths; the thin
+helpers of :mod:`~embedpipe.index.datasets` (:func:`embedding_blocks`, :func:`search_embeddings`,
+:func:`eval_embeddings`, :func:`search_images`) are the only places that open an embeddings
+dataset, through :mod:`embedpipe.store`, or embed image files, through
+:class:`embedpipe.extraction.forward.QueryEmbedder`.
+
+A build reads its source twice, so the full float matrix never has to sit in memory:
+
+1. *scan*: validate every block, collect ids and labels, and keep a uniform random sample
+   of rows (at most :data:`SAMPLE_BYTES`) for training and for tuning queries;
+2. *add*: train on the sample, then add block by block while computing the exact
+   neighbours of the tuning queries (faiss ``contrib.exhaustive_search.knn_ground_truth``
+   style), and finally tune the search-time parameter against them.
+
+Cosine similarity is inner product on L2-normalised vectors: vectors are normalised when
+added and queries when searched, so callers never do it themselves. Inside FAISS it runs
+as L2 on those unit vectors (the same ranking), and scores are turned back into cosines.
+
+Searching is safe from many threads at once: search-time parameters travel with each
+call as FAISS ``SearchParameters`` and never change the shared index.
+
+The modules, in the order they build on each other: ``plan`` (metrics, kinds, budgets,
+choosing), ``blocks`` (validated, sampled sources), ``exact`` (ground truth, recall),
+``faiss_ops``, ``tuning``, ``core`` (the :class:`Index`), ``datasets`` (files).
+"""
+
+from .blocks import Block, BlockLike, BlockSource, IndexData, as_block_source
+from .core import (
+    FORMAT_VERSION,
+    IDS_FILE,
+    INDEX_FILE,
+    META_FILE,
+    RESULT_COLUMNS,
+    EvalReport,
+    Index,
+    IndexInfo,
+    SearchResults,
+    check_destination,
+    read_info,
+)
+from .datasets import (
+    QueryFailure,
+    embedding_blocks,
+    eval_embeddings,
+    search_embeddings,
+    search_images,
+)
+from .plan import (
+    IndexKind,
+    IndexPlan,
+    Metric,
+    SearchKnob,
+    format_bytes,
+    parse_memory_budget,
+    plan_index,
+)
+from .tuning import Tuning
+
+__all__ = [
+    "FORMAT_VERSION", "IDS_FILE", "INDEX_FILE", "META_FILE", "RESULT_COLUMNS",
+    "Block", "BlockLike", "BlockSource", "EvalReport", "Index", "IndexData", "IndexInfo",
+    "IndexKind", "IndexPlan", "Metric", "QueryFailure", "SearchKnob", "SearchResults", "Tuning",
+    "as_block_source", "check_destination", "embedding_blocks", "eval_embeddings", "format_bytes",
+    "parse_memory_budget", "plan_index", "read_info", "search_embeddings", "search_images",
+]

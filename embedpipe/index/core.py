@@ -1,0 +1,618 @@
+"""The Index: build, save, open, search and evaluate; index directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import (
+    IndexFileError,
+    IndexInputError,
+    IndexSpecError,
+    MetadataMismatchError,
+    UnknownIdError,
+)
+from ..files import atomic_write, atomic_write_text, replace_dir, temporary_sibling
+from ..provenance import differences
+from .blocks import (
+    QUERY_DIM_HINT,
+    IndexData,
+    as_block_source,
+    prepare,
+    prepared_blocks,
+    scan_blocks,
+)
+from .exact import ExactTopK, query_recalls
+from .faiss_ops import create, search_knob, search_parameters, search_rows, serialized_bytes
+from .plan import (
+    TUNE_QUERIES,
+    IndexKind,
+    Metric,
+    SearchKnob,
+    format_bytes,
+    parse_memory_budget,
+    parse_metric,
+    plan_index,
+)
+from .tuning import Tuning, tune_knob
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+
+FORMAT_VERSION = 1
+"""Version of the index directory layout; :meth:`Index.open` refuses others."""
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.parquet"
+META_FILE = "index.json"
+
+RESULT_COLUMNS = ("query_id", "rank", "id", "label", "score")
+"""Columns of :meth:`SearchResults.to_frame`, one row per (query, rank)."""
+
+
+# --- the index ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexInfo:
+    """Everything the index directory's ``index.json`` records."""
+
+    metric: Metric
+    normalized: bool  # whether vectors and queries are L2-normalised before FAISS sees them
+    kind: IndexKind | None  # None: built from a caller's factory string
+    factory: str
+    reason: str
+    dim: int
+    count: int
+    memory_budget: int | None
+    index_bytes: int
+    train_rows: int
+    tuning: Tuning | None
+    build_seconds: float
+    built_at: str
+    faiss_version: str
+    embeddings: dict[str, Any]  # the embeddings' metadata: backbone, weights, layer, ...
+    # where the embeddings were read from (absolute), so that eval can read them again;
+    # None for an index built from arrays, or by an embedpipe that did not record it
+    embeddings_path: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IndexInfo:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IndexFileError(
+                f"index format {version!r} is not the supported {FORMAT_VERSION}; "
+                "rebuild the index with this embedpipe, or use the embedpipe that wrote it"
+            )
+        tuning = data["tuning"]
+        if tuning is not None:
+            tuning = Tuning(**{**tuning, "knob": SearchKnob(tuning["knob"])})
+        kind = None if data["kind"] is None else IndexKind(data["kind"])
+        return cls(**{**data, "metric": Metric(data["metric"]), "kind": kind, "tuning": tuning})
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalReport:
+    """Recall@k of an index against exact search, its batch search speed and its size."""
+
+    k: int
+    n_queries: int
+    recall: float
+    qps: float
+    index_bytes: int
+    knob: SearchKnob | None
+    value: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResults:
+    """Neighbours, one entry per (query, rank); all arrays have the same length.
+
+    ``query_id`` (m,) object, ``rank`` (m,) int32 from 1, ``id`` (m,) object, ``label`` (m,)
+    object (None where missing), ``score`` (m,) float32: similarity for cosine/ip (higher
+    is nearer), Euclidean distance for l2 (lower is nearer).
+    """
+
+    query_id: np.ndarray
+    rank: np.ndarray
+    id: np.ndarray
+    label: np.ndarray
+    score: np.ndarray
+    metric: Metric
+
+    def __len__(self) -> int:
+        return len(self.rank)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The results as a DataFrame with :data:`RESULT_COLUMNS`, the same for table,
+        JSON and Parquet output."""
+        return pd.DataFrame({column: getattr(self, column) for column in RESULT_COLUMNS})
+
+    def to_arrow(self) -> pa.Table:
+        """The results as an Arrow table with :data:`RESULT_COLUMNS` and fixed types
+        (string, int32, string, string, float32), also when every label is missing."""
+        return pa.table(
+            {
+                "query_id": pa.array([str(q) for q in self.query_id], pa.string()),
+                "rank": pa.array(self.rank, pa.int32()),
+                "id": pa.array([str(i) for i in self.id], pa.string()),
+                "label": pa.array(
+                    [None if label is None else str(label) for label in self.label], pa.string()
+                ),
+                "score": pa.array(self.score, pa.float32()),
+            }
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), or IndexInputError."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise IndexInputError(f"embeddings metadata must be JSON-serialisable: {exc}") from None
+
+
+def _check_positive(value: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise IndexInputError(f"{what} must be a positive integer, got {value!r}")
+
+
+class Index:
+    """A FAISS index with its id mapping (row -> id, label) and metadata.
+
+    Create one with :meth:`build` or :meth:`open`; write it with :meth:`save`. Searches
+    may run from many threads at once.
+    """
+
+    def __init__(
+        self, faiss_index: faiss.Index, ids: np.ndarray, labels: np.ndarray, info: IndexInfo
+    ) -> None:
+        self._faiss = faiss_index
+        self._ids = ids
+        self._labels = labels
+        self._lookup = pd.Index(ids)
+        knob = search_knob(faiss_index)
+        self._knob = None if knob is None else knob[0]
+        self.info = info
+
+    def __len__(self) -> int:
+        return self.info.count
+
+    def __contains__(self, id_: object) -> bool:
+        """Whether the index holds a row with this id."""
+        try:
+            return id_ in self._lookup
+        except TypeError:  # unhashable
+            return False
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The label of each row (None where unlabelled), in row order; read-only."""
+        view = self._labels.view()
+        view.flags.writeable = False
+        return view
+
+    def __repr__(self) -> str:
+        info = self.info
+        return f"Index({info.factory!r}, {info.count:,} x {info.dim}, metric={info.metric})"
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Metadata of the embeddings the index was built from (backbone, weights, layer,
+        preprocessing, ...): hand it to the image embedder so queries match."""
+        return self.info.embeddings
+
+    # --- building ------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        data: IndexData,
+        *,
+        metric: Metric | str = Metric.COSINE,
+        index: IndexKind | str = IndexKind.AUTO,
+        memory_budget: int | str | None = None,
+        target_recall: float = 0.95,
+        tune_k: int = 10,
+        seed: int = 0,
+        meta: Mapping[str, Any] | None = None,
+        embeddings_path: str | os.PathLike[str] | None = None,
+    ) -> Index:
+        """Build an index over ``data`` (see :func:`as_block_source` for what it may be).
+
+        metric: cosine (inner product of L2-normalised vectors), l2 or ip.
+        index: an :class:`IndexKind` or a FAISS factory string; ``auto`` picks by size and
+            budget (see :func:`plan_index`).
+        memory_budget: bytes, or a string for :func:`parse_memory_budget`; None: unbounded.
+            Bounds the index; the build also holds a sample of at most ``SAMPLE_BYTES``.
+        target_recall: recall@``tune_k`` that the stored default nprobe / efSearch reaches
+            on up to ``TUNE_QUERIES`` held-out sample rows against exact search.
+        seed: drives the row sample and the k-means initialisation.
+        meta: the embeddings' metadata; defaults to the ``meta`` of the first block.
+        embeddings_path: the dataset ``data`` was read from, recorded (absolute) so that
+            :func:`eval_embeddings` can stream it again later.
+        """
+        metric = parse_metric(metric)
+        budget = None if memory_budget is None else parse_memory_budget(memory_budget)
+        if not 0 < target_recall <= 1:
+            raise IndexInputError(f"target_recall must be in (0, 1], got {target_recall!r}")
+        _check_positive(tune_k, "tune_k")
+        source = as_block_source(data)
+        started = lap = time.perf_counter()
+        seconds: dict[str, float] = {}
+
+        def timed(stage: str) -> None:
+            nonlocal lap
+            now = time.perf_counter()
+            seconds[stage], lap = now - lap, now
+
+        scan, sample, sample_rows = scan_blocks(source, metric=metric, seed=seed)
+        n, dim = len(scan.ids), scan.dim
+        embeddings = _jsonable(dict(meta if meta is not None else scan.meta or {}))
+        if embeddings.get("dim", dim) != dim:
+            raise IndexInputError(
+                f"the embeddings metadata says dim {embeddings['dim']} but the vectors have "
+                f"{dim} columns; the dataset is inconsistent, re-extract it"
+            )
+        # the sample is in random order: its first rows are the tuning queries, held out
+        # of training so that tuning sees the index as a new query would
+        n_queries = min(TUNE_QUERIES, max(1, n // 10), len(sample_rows))
+        queries, query_rows = sample[:n_queries].copy(), sample_rows[:n_queries].copy()
+        plan = plan_index(
+            n, dim, index=index, memory_budget=budget, train_rows=len(sample) - n_queries
+        )
+        log.info("index %s: %s", plan.factory, plan.reason)
+        timed("scan")
+
+        faiss_index = create(plan, dim, metric, seed)
+        train_rows = 0
+        if not faiss_index.is_trained:
+            train_rows = min(plan.train_rows, len(sample) - n_queries)
+            log.info("training %s on %d sampled vectors", plan.factory, train_rows)
+            faiss_index.train(sample[n_queries : n_queries + train_rows])
+        del sample, sample_rows  # up to SAMPLE_BYTES: free it before the add pass
+        timed("train")
+
+        knob = search_knob(faiss_index)
+        truth = None if knob is None else ExactTopK(queries, query_rows, k=tune_k, metric=metric)
+        for start, x in prepared_blocks(source, dim=dim, metric=metric, ids=scan.ids):
+            faiss_index.add(x)
+            if truth is not None:
+                truth.add(start, x)
+            log.debug("added rows %d..%d", start, start + len(x))
+        timed("add")
+
+        tuning = None
+        if truth is not None:
+            tuning = tune_knob(
+                faiss_index, queries, query_rows, truth.rows(), k=tune_k, target=target_recall
+            )
+            log.info(
+                "tuned %s=%d: recall@%d %.3f", tuning.knob, tuning.value, tune_k, tuning.recall
+            )
+            # also the default of the bare FAISS file, for tools that read it without us
+            name = "nprobe" if tuning.knob is SearchKnob.NPROBE else "efSearch"
+            faiss.ParameterSpace().set_index_parameter(faiss_index, name, tuning.value)
+        timed("tune")
+        log.info(
+            "built %s in %s", plan.factory, ", ".join(f"{k} {t:.1f} s" for k, t in seconds.items())
+        )
+
+        source_path = None if embeddings_path is None else str(Path(embeddings_path).resolve())
+        info = IndexInfo(
+            metric=metric,
+            normalized=metric is Metric.COSINE,
+            kind=plan.kind,
+            factory=plan.factory,
+            reason=plan.reason,
+            dim=dim,
+            count=n,
+            memory_budget=budget,
+            index_bytes=serialized_bytes(faiss_index),
+            train_rows=train_rows,
+            tuning=tuning,
+            build_seconds=round(time.perf_counter() - started, 3),
+            built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            faiss_version=faiss.__version__,
+            embeddings=embeddings,
+            embeddings_path=source_path,
+        )
+        if budget is not None and info.index_bytes > budget:
+            log.warning(
+                "the index takes %s, over the %s budget",
+                format_bytes(info.index_bytes),
+                format_bytes(budget),
+            )
+        return cls(faiss_index, scan.ids, scan.labels, info)
+
+    # --- files ---------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the index directory ``path``: ``index.faiss``, ``ids.parquet`` (id, label
+        per row) and ``index.json`` (:class:`IndexInfo`).
+
+        The files go to a temporary sibling directory that then takes the place of
+        ``path`` (:func:`embedpipe.files.replace_dir`: exchanged in one step where one is
+        there), so a reader sees the old index or the new one, never a mix and never
+        nothing. An existing ``path`` is replaced only with ``overwrite`` and only if it is
+        an index directory (or empty).
+        """
+        path = Path(path)
+        check_destination(path, overwrite=overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_sibling(path)
+        tmp.mkdir()
+        try:
+            atomic_write(tmp / INDEX_FILE, lambda f: faiss.write_index(self._faiss, str(f)))
+            ids = pa.table({"id": pa.array(self._ids), "label": pa.array(self._labels)})
+            atomic_write(tmp / IDS_FILE, lambda f: pq.write_table(ids, f))
+            atomic_write_text(json.dumps(self.info.to_dict(), indent=2) + "\n", tmp / META_FILE)
+            replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("saved %r to %s", self, path)
+        return path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Index:
+        """Load an index directory written by :meth:`save`."""
+        path = Path(path)
+        missing = [name for name in (INDEX_FILE, IDS_FILE) if not (path / name).is_file()]
+        if missing and (path / META_FILE).is_file():  # else read_info says it is no index
+            raise IndexFileError(
+                f"index {path} is incomplete: {', '.join(missing)} missing; rebuild it"
+            )
+        info = read_info(path)
+        try:
+            faiss_index = faiss.read_index(str(path / INDEX_FILE))
+            table = pq.read_table(path / IDS_FILE, columns=["id", "label"])
+        except (ValueError, KeyError, TypeError, RuntimeError, pa.ArrowException) as exc:
+            raise IndexFileError(f"index {path} cannot be read ({exc}); rebuild it") from None
+        ids = table.column("id").to_numpy(zero_copy_only=False).astype(object)
+        labels = table.column("label").to_numpy(zero_copy_only=False).astype(object)
+        if not faiss_index.ntotal == len(ids) == info.count or faiss_index.d != info.dim:
+            raise IndexFileError(
+                f"index {path} is inconsistent: {faiss_index.ntotal} vectors of dimension "
+                f"{faiss_index.d}, {len(ids)} ids, metadata says {info.count} x {info.dim}; "
+                "rebuild it"
+            )
+        return cls(faiss_index, ids, labels, info)
+
+    # --- searching -----------------------------------------------------------------
+
+    def _setting(self, nprobe: int | None, ef_search: int | None) -> int | None:
+        """The value of the index's search knob for one call: an override or the tuned one."""
+        overrides = {SearchKnob.NPROBE: nprobe, SearchKnob.EF_SEARCH: ef_search}
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name is not self._knob:
+                takes = (
+                    f"it takes {self._knob}" if self._knob else "it has no search-time parameter"
+                )
+                raise IndexSpecError(
+                    f"{name} does not apply to this {self.info.factory} index; {takes}"
+                )
+            _check_positive(value, name)
+        if self._knob is None:
+            return None
+        return overrides[self._knob] or self.info.tuning.value
+
+    def _params(self, value: int | None) -> faiss.SearchParameters | None:
+        return None if value is None else search_parameters(self._faiss, self._knob, value)
+
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int = 10,
+        *,
+        query_ids: Sequence[Any] | np.ndarray | None = None,
+        exclude_self: bool = False,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> SearchResults:
+        """The k nearest neighbours of each query.
+
+        vectors: (n, dim) float queries, in the space the index was built from (cosine
+            normalisation is applied here).
+        k: neighbours per query; fewer come back when the index holds fewer (or, for an
+            approximate index, when the part it probes does); never placeholder ids.
+        query_ids: (n,) values for the ``query_id`` column; default ``"0"``..``"n-1"``.
+        exclude_self: drop the result whose id equals the query's id (needs query_ids).
+        nprobe / ef_search: override the tuned setting for this call only.
+        """
+        _check_positive(k, "k")
+        params = self._params(self._setting(nprobe, ef_search))
+        x = prepare(
+            vectors,
+            dim=self.info.dim,
+            metric=self.info.metric,
+            what="query vectors",
+            dim_hint=QUERY_DIM_HINT,
+        )
+        if query_ids is None:
+            if exclude_self:
+                raise IndexInputError(
+                    "exclude_self needs query_ids to know which result is the query itself"
+                )
+            query_ids = np.arange(len(x)).astype(str).astype(object)
+        query_ids = np.asarray(query_ids, dtype=object)
+        if query_ids.shape != (len(x),):
+            raise IndexInputError(
+                f"{len(query_ids)} query_ids for {len(x)} query vectors; give one id per query"
+            )
+        exclude = self._lookup.get_indexer(query_ids) if exclude_self else None
+        distances, rows = search_rows(self._faiss, x, k, exclude, params)
+        query, column = np.nonzero(rows >= 0)
+        hits = rows[query, column]
+        return SearchResults(
+            query_id=query_ids[query],
+            rank=(column + 1).astype(np.int32),
+            id=self._ids[hits],
+            label=self._labels[hits],
+            score=self.info.metric.scores(distances[query, column]),
+            metric=self.info.metric,
+        )
+
+    def search_ids(
+        self,
+        ids: Sequence[Any] | np.ndarray,
+        k: int = 10,
+        *,
+        exclude_self: bool = False,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> SearchResults:
+        """Neighbours of rows already in the index, by id; see :meth:`search`.
+
+        The query vectors are reconstructed from the index: exact for Flat, HNSW and IVF-Flat,
+        decoded (approximate) for SQ and PQ codes.
+        """
+        ids = np.asarray(ids, dtype=object)
+        rows = self._lookup.get_indexer(ids)
+        if (rows < 0).any():
+            unknown = ", ".join(repr(i) for i in ids[rows < 0][:3])
+            raise UnknownIdError(
+                f"the index holds no id {unknown}; ids are as in the embeddings' id column "
+                f"(e.g. {self._ids[0]!r})"
+            )
+        vectors = self._faiss.reconstruct_batch(rows.astype(np.int64))
+        return self.search(
+            vectors, k, query_ids=ids, exclude_self=exclude_self, nprobe=nprobe, ef_search=ef_search
+        )
+
+    def check_compatible(self, meta: Mapping[str, Any]) -> None:
+        """Raise :class:`MetadataMismatchError` naming each of backbone, weights, layer, dim,
+        preprocessing and normalize where the queries' embeddings ``meta`` differs from the
+        index's (keys missing on either side are not compared)."""
+        found = differences(meta, self.meta, keys="space", names=("queries", "index"))
+        if found:
+            raise MetadataMismatchError(
+                "the query embeddings were made differently from the index's: "
+                + "; ".join(found)
+                + ". Embed the queries with the index's settings (see `embedpipe index info`) "
+                "or search an index built from matching embeddings"
+            )
+
+    # --- evaluation ----------------------------------------------------------------
+
+    def eval(
+        self,
+        database: IndexData,
+        *,
+        queries: np.ndarray | None = None,
+        n_queries: int = TUNE_QUERIES,
+        k: int = 10,
+        seed: int = 0,
+        repeats: int = 3,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> EvalReport:
+        """Recall@k against exact search over ``database``, batch QPS and index size.
+
+        database: the embeddings the index was built from (same rows, same order), streamed
+            once to compute exact neighbours.
+        queries: (nq, dim) float query vectors; default: ``n_queries`` rows of the index
+            drawn at random (reconstructed from it), each excluded from its own results.
+        repeats: timed searches of all queries; QPS is from their median.
+        nprobe / ef_search: evaluate another setting than the tuned one.
+        """
+        _check_positive(k, "k")
+        _check_positive(repeats, "repeats")
+        value = self._setting(nprobe, ef_search)
+        params = self._params(value)
+        if queries is None:
+            _check_positive(n_queries, "n_queries")
+            rng = np.random.default_rng(seed)
+            exclude = np.sort(rng.choice(len(self), size=min(n_queries, len(self)), replace=False))
+            queries = self._faiss.reconstruct_batch(exclude)
+        else:
+            exclude = None
+        x = prepare(
+            queries,
+            dim=self.info.dim,
+            metric=self.info.metric,
+            what="query vectors",
+            dim_hint=QUERY_DIM_HINT,
+        )
+        truth = ExactTopK(x, exclude, k=k, metric=self.info.metric)
+        for start, block in prepared_blocks(
+            as_block_source(database), dim=self.info.dim, metric=self.info.metric, ids=self._ids
+        ):
+            truth.add(start, block)
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            found = search_rows(self._faiss, x, k, exclude, params)[1]
+            seconds.append(time.perf_counter() - started)
+        return EvalReport(
+            k=k,
+            n_queries=len(x),
+            recall=float(query_recalls(found, truth.rows()).mean()),
+            qps=len(x) / float(np.median(seconds)),
+            index_bytes=self.info.index_bytes,
+            knob=self._knob,
+            value=value,
+        )
+
+
+# --- index directories -------------------------------------------------------------
+
+
+def read_info(path: str | os.PathLike[str]) -> IndexInfo:
+    """The metadata (``index.json``) of the index directory ``path``, without loading the
+    FAISS index or the ids."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise IndexFileError(
+            f"{path} is not an embedpipe index: {META_FILE} is missing; "
+            f"build one with `embedpipe index build EMBEDDINGS --out {path}`"
+        )
+    try:
+        return IndexInfo.from_dict(json.loads(meta_path.read_text()))
+    except IndexFileError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IndexFileError(f"index {path} cannot be read ({exc}); rebuild it") from None
+
+
+def check_destination(path: str | os.PathLike[str], *, overwrite: bool) -> None:
+    """Raise :class:`IndexFileError` unless :meth:`Index.save` may write ``path``: it does
+    not exist, or ``overwrite`` is set and it is an index directory (or empty). Call it
+    before a long build to fail early."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise IndexFileError(
+            f"{path} already exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    if not (path / META_FILE).is_file() and (not path.is_dir() or any(path.iterdir())):
+        raise IndexFileError(
+            f"refusing to replace {path}: it is not an embedpipe index (no {META_FILE}); "
+            "choose another output path"
+        )

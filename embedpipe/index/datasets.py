@@ -1,0 +1,153 @@
+"""The only places the index wing opens files: embeddings datasets, through
+:mod:`embedpipe.store`, and query images, embedded through
+:class:`embedpipe.extraction.forward.QueryEmbedder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import (
+    IndexInputError,
+    QueryImagesError,
+)
+from .blocks import BlockSource
+from .core import EvalReport, Index, SearchResults
+
+if TYPE_CHECKING:
+    from ..extraction.forward import QueryEmbedder
+
+log = logging.getLogger(__name__)
+
+
+# --- embeddings datasets and images on disk ------------------------------------------
+
+
+def embedding_blocks(path: str | os.PathLike[str]) -> BlockSource:
+    """A :data:`BlockSource` over the embeddings dataset at ``path``: each call re-opens it
+    and yields one :class:`embedpipe.store.Embeddings` block per Parquet part."""
+    # imported here so the compute above does not depend on the Parquet layer
+    from ..store import iter_embedding_blocks
+
+    return functools.partial(iter_embedding_blocks, path)
+
+
+def search_embeddings(
+    index: Index,
+    path: str | os.PathLike[str],
+    k: int = 10,
+    *,
+    exclude_self: bool = False,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> SearchResults:
+    """Batch search: every row of the embeddings dataset at ``path`` as a query, after
+    checking it was embedded like the index (:meth:`Index.check_compatible`)."""
+    from ..store import read_embeddings
+
+    queries = read_embeddings(path)
+    index.check_compatible(queries.meta)
+    return index.search(
+        queries.vectors,
+        k,
+        query_ids=queries.ids,
+        exclude_self=exclude_self,
+        nprobe=nprobe,
+        ef_search=ef_search,
+    )
+
+
+def eval_embeddings(
+    index: Index,
+    path: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> EvalReport:
+    """:meth:`Index.eval` against the embeddings dataset at ``path``, by default the one
+    the index was built from (``info.embeddings_path``). ``options`` go to :meth:`Index.eval`."""
+    if path is None:
+        path = index.info.embeddings_path
+        if path is None:
+            raise IndexInputError(
+                "the index does not record which embeddings it was built from; give their "
+                "path (--embeddings)"
+            )
+        if not Path(path).exists():
+            raise IndexInputError(
+                f"the embeddings the index was built from, {path}, are gone; give their "
+                "current path (--embeddings)"
+            )
+    return index.eval(embedding_blocks(path), **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryFailure:
+    """A query image that could not be embedded: ``error_type`` as in an extraction's
+    errors table (``not_found``, ``truncated``, ...)."""
+
+    query: str
+    error_type: str
+    message: str
+
+
+def search_images(
+    index: Index,
+    paths: Sequence[str | os.PathLike[str]],
+    k: int = 10,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    embedder: QueryEmbedder | None = None,
+) -> tuple[SearchResults, list[QueryFailure]]:
+    """Search with image files as queries, embedded exactly as the index's embeddings were
+    (backbone, weights, layer, preprocessing, precision: a
+    :class:`embedpipe.engine.QueryEmbedder` of :attr:`Index.meta`, the code path of
+    extraction). Pass ``embedder`` to reuse one loaded model across calls.
+
+    Images that cannot be embedded are skipped and returned as failures; ``query_id`` is
+    each path as given. Raises :class:`IndexInputError` when none could be embedded.
+    """
+    missing = [
+        key for key in ("backbone", "weights", "layer", "preprocessing") if key not in index.meta
+    ]
+    if missing:
+        raise IndexInputError(
+            f"this index records no {', '.join(missing)} of its embeddings (it was built from "
+            "bare vectors), so images cannot be embedded like them; search it by vectors"
+        )
+    if not paths:
+        raise IndexInputError("no query images given")
+    if embedder is None:
+        from ..extraction.forward import (
+            QueryEmbedder,  # torch: loaded only when images are searched
+        )
+
+        embedder = QueryEmbedder(index.meta)
+    queries = [str(p) for p in paths]
+    vectors, outcomes = embedder(queries)
+    failures = [
+        QueryFailure(query, str(outcome.error_type), outcome.message)
+        for query, outcome in zip(queries, outcomes)
+        if outcome is not None
+    ]
+    embedded = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    if not embedded:
+        reasons = "; ".join(f"{f.query}: {f.error_type} ({f.message})" for f in failures[:5])
+        raise QueryImagesError(
+            f"none of the {len(queries)} query images could be embedded: {reasons}", failures
+        )
+    results = index.search(
+        vectors[embedded],
+        k,
+        query_ids=np.asarray([queries[i] for i in embedded], dtype=object),
+        nprobe=nprobe,
+        ef_search=ef_search,
+    )
+    return results, failures
