@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import numpy as np
 from conftest import make_image
 from crashy import crashy_decode_chunk
 
-from embedpipe.images.decode import Decoded, DecodeFailure
+from embedpipe.config import DecodeMode
+from embedpipe.images.decode import Decoded, DecodeFailure, decode_file
 from embedpipe.images.loader import DecodePool
 from embedpipe.images.preprocess import Preprocessing
 from embedpipe.images.sources import scan_folder
@@ -39,7 +41,27 @@ def test_a_crashing_or_hanging_decoder_costs_one_image(tmp_path):
     assert out["07_hang.png"].error_type == "timeout"
     good = {k: v for k, v in out.items() if "_" not in k}
     assert len(good) == 12 and all(isinstance(v, Decoded) for v in good.values())
-    np.testing.assert_array_equal(out["03.png"].pixels, good["03.png"].pixels)
+    for name, d in good.items():  # the chunk-mates of the culprits, decoded again, are right
+        reference = decode_file(str(root / name), P, max_pixels=10**8, mode=DecodeMode.FULL)
+        np.testing.assert_array_equal(d.pixels, reference.pixels)
+
+
+def test_a_hung_image_costs_one_timeout_not_a_chunks_worth(tmp_path):
+    """Old behaviour: a chunk of 8 waited 8 x timeout, then its culprit another timeout
+    (13.5 s here); now the culprit is known from the worker's progress after one."""
+    root = tmp_path / "imgs"
+    for i in range(8):
+        make_image(root / f"{i:02d}.png", seed=i)
+    shutil.copy(root / "02.png", root / "02_hang.png")
+    records = scan_folder(root)
+    started = time.monotonic()
+    with DecodePool(P, workers=1, max_pixels=10**8, chunk_size=8, timeout=1.5,
+                    decode_fn=crashy_decode_chunk) as pool:
+        out = dict((r.id, d) for r, d in pool.imap(records))
+    elapsed = time.monotonic() - started
+    assert out["02_hang.png"].error_type == "timeout"
+    assert sum(isinstance(d, Decoded) for d in out.values()) == 8
+    assert elapsed < 7, f"{elapsed:.1f} s for one hung image with a 1.5 s timeout"
 
 
 def test_failures_are_records_not_exceptions(tmp_path):

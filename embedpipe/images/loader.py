@@ -2,9 +2,13 @@
 
 Decoding runs in a pool of worker processes (pebble's ``ProcessPool``) so that it
 overlaps the forward pass and so that a decoder that hangs or kills its process costs
-one image: pebble replaces a dead or timed-out worker and fails only that task, which
-becomes a ``decoder_crash`` or ``timeout`` record. At most ``prefetch`` images are in
-flight, so memory stays flat however long the job.
+one image, and one timeout: records travel in chunks, and each worker writes the position
+of the image it is decoding into a slot of shared memory. The parent watches the slot of
+the chunk it waits for; when one image has run for ``timeout`` seconds (or the worker
+died), it knows the culprit, cancels the task (pebble replaces the worker), records a
+``timeout`` or ``decoder_crash`` for that image alone and sends the rest of the chunk
+again. At most ``prefetch`` images are in flight, so memory stays flat however long the
+job.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import itertools
 import multiprocessing
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -31,9 +36,25 @@ from .sources import ImageRecord
 _START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
-def _init_worker(nice: int) -> None:
+#: the progress slots shared with the workers (set in each worker by its initializer)
+_PROGRESS = None
+
+
+def _init_worker(nice: int, progress) -> None:
+    global _PROGRESS
+    _PROGRESS = progress
     if nice:
         os.nice(nice)
+
+
+def _run_chunk(decode_fn, paths: list[str], slot: int, *args) -> list[Decoded | DecodeFailure]:
+    """Runs in a worker: ``decode_fn`` one path at a time, writing into ``slot`` which one
+    it is on (1-based), so that the parent can tell a hung image from a slow chunk."""
+    out = []
+    for i, path in enumerate(paths):
+        _PROGRESS[slot] = i + 1
+        out.extend(decode_fn([path], *args))
+    return out
 
 
 class DecodePool:
@@ -49,7 +70,7 @@ class DecodePool:
         preprocessing: Preprocessing,
         *,
         workers: int,
-        mode: DecodeMode = DecodeMode.DRAFT,
+        mode: DecodeMode = DecodeMode.FULL,
         max_pixels: int,
         timeout: float = 60.0,
         prefetch: int | None = None,
@@ -71,11 +92,16 @@ class DecodePool:
         self._pool: ProcessPool | None = None
 
     def __enter__(self) -> DecodePool:
+        context = multiprocessing.get_context(_START_METHOD)
+        # a slot per chunk that can be in flight at once (with room for re-sent remainders)
+        self._slots = 2 * (self.prefetch // self.chunk_size + 2)
+        self._progress = context.RawArray("l", self._slots)
+        self._next_slot = itertools.count()
         self._pool = ProcessPool(
             max_workers=self.workers,
-            context=multiprocessing.get_context(_START_METHOD),
+            context=context,
             initializer=_init_worker,
-            initargs=(self.nice,),
+            initargs=(self.nice, self._progress),
         )
         return self
 
@@ -85,12 +111,14 @@ class DecodePool:
         self._pool.join()
         self._pool = None
 
-    def _submit(self, chunk: list[ImageRecord]):
-        return self._pool.schedule(
-            self.decode_fn,
-            args=([r.path for r in chunk], self.preprocessing, self.max_pixels, self.mode),
-            timeout=self.timeout * len(chunk),
+    def _submit(self, chunk: list[ImageRecord]) -> tuple[list[ImageRecord], object, int]:
+        slot = next(self._next_slot) % self._slots
+        self._progress[slot] = 0  # not started
+        future = self._pool.schedule(
+            _run_chunk,
+            args=(self.decode_fn, [r.path for r in chunk], slot, self.preprocessing, self.max_pixels, self.mode),
         )
+        return chunk, future, slot
 
     def imap(
         self, records: Iterable[ImageRecord]
@@ -98,37 +126,48 @@ class DecodePool:
         """Decode ``records``, yielding results in input order.
 
         Records travel in chunks of ``chunk_size`` to amortise the inter-process round
-        trip; a chunk whose worker died or timed out is decoded again one image per task,
-        so that only the culprit is recorded as ``decoder_crash`` or ``timeout``.
+        trip; when an image of a chunk hangs or kills its worker, only that image is
+        recorded as ``timeout`` or ``decoder_crash``, after one ``timeout``, and the rest
+        of the chunk is decoded again.
         """
         if self._pool is None:
             raise RuntimeError("use DecodePool as a context manager")
         chunks = _chunked(records, self.chunk_size)
         pending: deque = deque()
         for chunk in chunks:
-            pending.append((chunk, self._submit(chunk)))
+            pending.append(self._submit(chunk))
             if len(pending) * self.chunk_size >= self.prefetch:
                 break
         while pending:
-            chunk, future = pending.popleft()
-            try:
-                results = future.result()
-            except (FutureTimeout, ProcessExpired) as e:
-                results = self._isolate(chunk) if len(chunk) > 1 else [self._failure(e)]
-            yield from zip(chunk, results)
+            yield from zip(pending[0][0], self._results(*pending.popleft()))
             nxt = next(chunks, None)
             if nxt is not None:
-                pending.append((nxt, self._submit(nxt)))
+                pending.append(self._submit(nxt))
 
-    def _isolate(self, chunk: list[ImageRecord]) -> list[Decoded | DecodeFailure]:
-        futures = [self._submit([r]) for r in chunk]
-        results = []
-        for f in futures:
+    def _results(self, chunk: list[ImageRecord], future, slot: int) -> list[Decoded | DecodeFailure]:
+        """The chunk's results, waiting at most ``timeout`` for any one image of it."""
+        poll = min(1.0, self.timeout / 20)
+        position, since = 0, time.monotonic()
+        while True:
             try:
-                results.extend(f.result())
-            except (FutureTimeout, ProcessExpired) as e:
-                results.append(self._failure(e))
-        return results
+                return future.result(timeout=poll)
+            except FutureTimeout:
+                now = self._progress[slot]
+                if now != position:  # a new image started: its own clock starts
+                    position, since = now, time.monotonic()
+                elif position and time.monotonic() - since > self.timeout:
+                    future.cancel()  # pebble stops the worker and starts another
+                    return self._without(chunk, position - 1, self._failure(FutureTimeout()))
+            except ProcessExpired as e:
+                return self._without(chunk, max(self._progress[slot], 1) - 1, self._failure(e))
+
+    def _without(
+        self, chunk: list[ImageRecord], culprit: int, failure: DecodeFailure
+    ) -> list[Decoded | DecodeFailure]:
+        """``failure`` for ``chunk[culprit]``; the other images decoded again."""
+        rest = chunk[:culprit] + chunk[culprit + 1 :]
+        results = self._results(*self._submit(rest)) if rest else []
+        return [*results[:culprit], failure, *results[culprit:]]
 
     def _failure(self, e: Exception) -> DecodeFailure:
         if isinstance(e, ProcessExpired):
