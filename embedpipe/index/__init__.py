@@ -10,9 +10,13 @@ A build reads its source twice, so the full float matrix never has to sit in mem
 
 1. *scan*: validate every block, collect ids and labels, and keep a uniform random sample
    of rows (at most :data:`SAMPLE_BYTES`) for training and for tuning queries;
-2. *add*: train on the sample, then add block by block while computing the exact
-   neighbours of the tuning queries (faiss ``contrib.exhaustive_search.knn_ground_truth``
-   style), and finally tune the search-time parameter against them.
+2. *add*: train on the sample less the tuning queries, then add block by block every row
+   but the tuning queries while computing their exact neighbours (faiss
+   ``contrib.exhaustive_search.knn_ground_truth`` style), tune the search-time parameter
+   against them, and add the tuning queries last (why: :mod:`~embedpipe.index.core`).
+
+The built index is measured against the memory budget; one over it is rebuilt as the next
+plan of :func:`plan_candidates` that fits, both passes again.
 
 Cosine similarity is inner product on L2-normalised vectors: vectors are normalised when
 added and queries when searched, so callers never do it themselves. Inside FAISS it runs
@@ -54,6 +58,7 @@ from .plan import (
     SearchKnob,
     format_bytes,
     parse_memory_budget,
+    plan_candidates,
     plan_index,
 )
 from .tuning import Tuning
@@ -63,5 +68,6 @@ __all__ = [
     "Block", "BlockLike", "BlockSource", "EvalReport", "Index", "IndexData", "IndexInfo",
     "IndexKind", "IndexPlan", "Metric", "QueryFailure", "SearchKnob", "SearchResults", "Tuning",
     "as_block_source", "check_destination", "embedding_blocks", "eval_embeddings", "format_bytes",
-    "parse_memory_budget", "plan_index", "read_info", "search_embeddings", "search_images",
+    "parse_memory_budget", "plan_candidates", "plan_index", "read_info", "search_embeddings",
+    "search_images",
 ]

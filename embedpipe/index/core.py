@@ -1,4 +1,22 @@
 """The Index: build, save, open, search and evaluate; index directories.
+
+Tuning on held-out queries. A build tunes nprobe / efSearch on up to ``TUNE_QUERIES``
+sample rows, and these must look to the index like the new queries it will serve, yet
+every row of the embeddings must end up in it. So the tuning rows are kept out of the
+training sample (they do not shape the k-means centroids or codebooks), and out of the
+index until it is tuned: the add pass adds every other row, in the embeddings' order,
+while computing the tuning rows' exact neighbours among them; the search knob is tuned
+on the tuning rows against those neighbours; then the tuning rows are added, last.
+Excluding a query's own row from the results of an index that holds it is not enough:
+an HNSW graph links every inserted row to its nearest neighbours, so an indexed query
+reaches them through itself, and tuning would stop at a setting that new queries miss
+the target at (recall@10 0.94 measured, 0.88 on fresh queries, in the tests). The index
+is at most ``n / 10`` rows smaller while tuned than when complete, which changes recall
+at a given setting by less than the tuning's sampling error.
+
+So the index's rows are in the embeddings' order except that the tuning rows come last:
+``ids.parquet`` maps each index row to its id, label and ``position`` in the embeddings,
+which :meth:`Index.eval` uses to stream the embeddings back in their own order.
 """
 
 from __future__ import annotations
@@ -24,6 +42,7 @@ from ..errors import (
     IndexFileError,
     IndexInputError,
     IndexSpecError,
+    MemoryBudgetError,
     MetadataMismatchError,
     UnknownIdError,
 )
@@ -31,6 +50,7 @@ from ..files import atomic_write, atomic_write_text, replace_dir, temporary_sibl
 from ..provenance import differences
 from .blocks import (
     QUERY_DIM_HINT,
+    BlockSource,
     IndexData,
     as_block_source,
     prepare,
@@ -47,7 +67,7 @@ from .plan import (
     format_bytes,
     parse_memory_budget,
     parse_metric,
-    plan_index,
+    plan_candidates,
 )
 from .tuning import Tuning, tune_knob
 
@@ -57,8 +77,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-FORMAT_VERSION = 1
-"""Version of the index directory layout; :meth:`Index.open` refuses others."""
+FORMAT_VERSION = 2
+"""Version of the index directory layout. 2 stores the index rows in their own order,
+with each row's ``position`` in the embeddings; :meth:`Index.open` also reads 1 (rows in
+the embeddings' order) and refuses others."""
+
+_READABLE_FORMATS = (1, FORMAT_VERSION)
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -101,9 +125,10 @@ class IndexInfo:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IndexInfo:
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in _READABLE_FORMATS:
             raise IndexFileError(
-                f"index format {version!r} is not the supported {FORMAT_VERSION}; "
+                f"index format {version!r} is not one this embedpipe reads "
+                f"({', '.join(map(str, _READABLE_FORMATS))}); "
                 "rebuild the index with this embedpipe, or use the embedpipe that wrote it"
             )
         tuning = data["tuning"]
@@ -179,19 +204,86 @@ def _check_positive(value: int, what: str) -> None:
         raise IndexInputError(f"{what} must be a positive integer, got {value!r}")
 
 
+def _add_and_tune(
+    faiss_index: faiss.Index,
+    source: BlockSource,
+    ids: np.ndarray,
+    queries: np.ndarray,
+    query_rows: np.ndarray,
+    *,
+    metric: Metric,
+    tune_k: int,
+    target_recall: float,
+) -> tuple[np.ndarray, Tuning | None]:
+    """Add every row of ``source`` to the trained ``faiss_index`` and tune its search knob.
+
+    ids: (n,) object, the ids ``source`` must yield, in order. queries: (nq, dim) float32,
+    the prepared vectors of the dataset rows ``query_rows`` (nq,) int64.
+
+    An index with a search knob gets the other rows first, in dataset order, while the
+    exact neighbours of the queries among them are computed; it is tuned on the queries,
+    which are then added last (see the module docstring). An exact index gets every row in
+    dataset order. Returns the dataset position of each index row, (n,) int64, and the
+    tuning (None for an exact index).
+    """
+    held_out = np.zeros(len(ids), dtype=bool)
+    truth = None
+    if search_knob(faiss_index) is not None:
+        held_out[query_rows] = True
+        truth = ExactTopK(queries, None, k=tune_k, metric=metric)
+    for start, x in prepared_blocks(source, dim=faiss_index.d, metric=metric, ids=ids):
+        kept = ~held_out[start : start + len(x)]
+        if not kept.all():
+            x = x[kept]
+        if truth is not None:
+            truth.add(faiss_index.ntotal, x)
+        faiss_index.add(x)
+        log.debug("added rows %d..%d", start, start + len(kept))
+    positions = np.flatnonzero(~held_out)
+    if truth is None:
+        return positions, None
+    tuning = tune_knob(faiss_index, queries, truth.rows(), k=tune_k, target=target_recall)
+    log.info("tuned %s=%d: recall@%d %.3f", tuning.knob, tuning.value, tune_k, tuning.recall)
+    faiss_index.add(queries)
+    # also the default of the bare FAISS file, for tools that read it without us
+    name = "nprobe" if tuning.knob is SearchKnob.NPROBE else "efSearch"
+    faiss.ParameterSpace().set_index_parameter(faiss_index, name, tuning.value)
+    return np.concatenate([positions, query_rows]), tuning
+
+
+def _over_budget(n: int, dim: int, budget: int, over: list[tuple[str, int]]) -> MemoryBudgetError:
+    """The error for a build whose every plan, built, came out over ``budget`` bytes."""
+    built = ", ".join(f"{factory} took {format_bytes(size)}" for factory, size in over)
+    smallest = min(size for _, size in over)
+    return MemoryBudgetError(
+        f"no index for {n:,} x {dim} vectors fits the memory budget of {format_bytes(budget)} "
+        f"once built ({built}); raise the budget to at least {format_bytes(smallest)}, or choose a "
+        "smaller index (one with fewer bytes per vector, e.g. a FAISS factory string with "
+        "fewer PQ code bytes)"
+    )
+
+
 class Index:
-    """A FAISS index with its id mapping (row -> id, label) and metadata.
+    """A FAISS index with its id mapping (row -> id, label, position) and metadata.
 
     Create one with :meth:`build` or :meth:`open`; write it with :meth:`save`. Searches
     may run from many threads at once.
     """
 
     def __init__(
-        self, faiss_index: faiss.Index, ids: np.ndarray, labels: np.ndarray, info: IndexInfo
+        self,
+        faiss_index: faiss.Index,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        positions: np.ndarray,
+        info: IndexInfo,
     ) -> None:
+        """ids, labels: (n,) object per index row; positions: (n,) int64, each index row's
+        row in the embeddings (a permutation: the tuning queries come last)."""
         self._faiss = faiss_index
         self._ids = ids
         self._labels = labels
+        self._positions = positions
         self._lookup = pd.Index(ids)
         knob = search_knob(faiss_index)
         self._knob = None if knob is None else knob[0]
@@ -209,7 +301,8 @@ class Index:
 
     @property
     def labels(self) -> np.ndarray:
-        """The label of each row (None where unlabelled), in row order; read-only."""
+        """The label of each row (None where unlabelled), in the index's row order (not
+        the embeddings': the tuning queries come last); read-only."""
         view = self._labels.view()
         view.flags.writeable = False
         return view
@@ -244,11 +337,16 @@ class Index:
 
         metric: cosine (inner product of L2-normalised vectors), l2 or ip.
         index: an :class:`IndexKind` or a FAISS factory string; ``auto`` picks by size and
-            budget (see :func:`plan_index`).
+            budget (see :func:`plan_candidates`).
         memory_budget: bytes, or a string for :func:`parse_memory_budget`; None: unbounded.
-            Bounds the index; the build also holds a sample of at most ``SAMPLE_BYTES``.
+            Bounds the index as written (``info.index_bytes``): a built index over it is
+            dropped for the next plan that fits (noted in ``info.reason``; each such
+            fallback reads ``data`` twice more), and :class:`MemoryBudgetError` names the
+            smallest size reached when none does. The build also holds a sample of at most
+            ``SAMPLE_BYTES``, and at its peak the largest index it built.
         target_recall: recall@``tune_k`` that the stored default nprobe / efSearch reaches
-            on up to ``TUNE_QUERIES`` held-out sample rows against exact search.
+            on up to ``TUNE_QUERIES`` sample rows held out of training and, until tuning
+            is done, of the index (see the module docstring).
         seed: drives the row sample and the k-means initialisation.
         meta: the embeddings' metadata; defaults to the ``meta`` of the first block.
         embeddings_path: the dataset ``data`` was read from, recorded (absolute) so that
@@ -266,7 +364,7 @@ class Index:
         def timed(stage: str) -> None:
             nonlocal lap
             now = time.perf_counter()
-            seconds[stage], lap = now - lap, now
+            seconds[stage], lap = seconds.get(stage, 0.0) + now - lap, now
 
         scan, sample, sample_rows = scan_blocks(source, metric=metric, seed=seed)
         n, dim = len(scan.ids), scan.dim
@@ -277,48 +375,60 @@ class Index:
                 f"{dim} columns; the dataset is inconsistent, re-extract it"
             )
         # the sample is in random order: its first rows are the tuning queries, held out
-        # of training so that tuning sees the index as a new query would
+        # of training and of the index until it is tuned (see the module docstring)
         n_queries = min(TUNE_QUERIES, max(1, n // 10), len(sample_rows))
         queries, query_rows = sample[:n_queries].copy(), sample_rows[:n_queries].copy()
-        plan = plan_index(
+        candidates = plan_candidates(
             n, dim, index=index, memory_budget=budget, train_rows=len(sample) - n_queries
         )
-        log.info("index %s: %s", plan.factory, plan.reason)
+        training: np.ndarray | None = sample[n_queries:]
+        del sample, sample_rows  # ``training`` keeps them alive until the add pass
         timed("scan")
 
-        faiss_index = create(plan, dim, metric, seed)
-        train_rows = 0
-        if not faiss_index.is_trained:
-            train_rows = min(plan.train_rows, len(sample) - n_queries)
-            log.info("training %s on %d sampled vectors", plan.factory, train_rows)
-            faiss_index.train(sample[n_queries : n_queries + train_rows])
-        del sample, sample_rows  # up to SAMPLE_BYTES: free it before the add pass
-        timed("train")
-
-        knob = search_knob(faiss_index)
-        truth = None if knob is None else ExactTopK(queries, query_rows, k=tune_k, metric=metric)
-        for start, x in prepared_blocks(source, dim=dim, metric=metric, ids=scan.ids):
-            faiss_index.add(x)
-            if truth is not None:
-                truth.add(start, x)
-            log.debug("added rows %d..%d", start, start + len(x))
-        timed("add")
-
-        tuning = None
-        if truth is not None:
-            tuning = tune_knob(
-                faiss_index, queries, query_rows, truth.rows(), k=tune_k, target=target_recall
+        over: list[tuple[str, int]] = []  # (factory, bytes) of each build over the budget
+        for attempt, plan in enumerate(candidates, 1):
+            log.info("index %s: %s", plan.factory, plan.reason)
+            faiss_index = create(plan, dim, metric, seed)
+            train_rows = 0
+            if not faiss_index.is_trained:
+                if training is None:  # freed for an earlier add pass: sample again
+                    training = scan_blocks(source, metric=metric, seed=seed)[1][n_queries:]
+                train_rows = min(plan.train_rows, len(training))
+                log.info("training %s on %d sampled vectors", plan.factory, train_rows)
+                faiss_index.train(training[:train_rows])
+            training = None  # up to SAMPLE_BYTES: free it before the add pass
+            timed("train")
+            positions, tuning = _add_and_tune(
+                faiss_index,
+                source,
+                scan.ids,
+                queries,
+                query_rows,
+                metric=metric,
+                tune_k=tune_k,
+                target_recall=target_recall,
             )
-            log.info(
-                "tuned %s=%d: recall@%d %.3f", tuning.knob, tuning.value, tune_k, tuning.recall
+            timed("add and tune")
+            index_bytes = serialized_bytes(faiss_index)
+            if budget is None or index_bytes <= budget:
+                break
+            log.warning(
+                "%s takes %s, over the %s budget%s",
+                plan.factory,
+                format_bytes(index_bytes),
+                format_bytes(budget),
+                "; trying the next plan" if attempt < len(candidates) else "",
             )
-            # also the default of the bare FAISS file, for tools that read it without us
-            name = "nprobe" if tuning.knob is SearchKnob.NPROBE else "efSearch"
-            faiss.ParameterSpace().set_index_parameter(faiss_index, name, tuning.value)
-        timed("tune")
+            over.append((plan.factory, index_bytes))
+        else:
+            raise _over_budget(n, dim, budget, over)
         log.info(
             "built %s in %s", plan.factory, ", ".join(f"{k} {t:.1f} s" for k, t in seconds.items())
         )
+        reason = plan.reason
+        if over:
+            built = ", ".join(f"{factory} took {format_bytes(size)}" for factory, size in over)
+            reason += f"; fell back from larger builds: {built} > budget {format_bytes(budget)}"
 
         source_path = None if embeddings_path is None else str(Path(embeddings_path).resolve())
         info = IndexInfo(
@@ -326,11 +436,11 @@ class Index:
             normalized=metric is Metric.COSINE,
             kind=plan.kind,
             factory=plan.factory,
-            reason=plan.reason,
+            reason=reason,
             dim=dim,
             count=n,
             memory_budget=budget,
-            index_bytes=serialized_bytes(faiss_index),
+            index_bytes=index_bytes,
             train_rows=train_rows,
             tuning=tuning,
             build_seconds=round(time.perf_counter() - started, 3),
@@ -339,19 +449,13 @@ class Index:
             embeddings=embeddings,
             embeddings_path=source_path,
         )
-        if budget is not None and info.index_bytes > budget:
-            log.warning(
-                "the index takes %s, over the %s budget",
-                format_bytes(info.index_bytes),
-                format_bytes(budget),
-            )
-        return cls(faiss_index, scan.ids, scan.labels, info)
+        return cls(faiss_index, scan.ids[positions], scan.labels[positions], positions, info)
 
     # --- files ---------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write the index directory ``path``: ``index.faiss``, ``ids.parquet`` (id, label
-        per row) and ``index.json`` (:class:`IndexInfo`).
+        and position in the embeddings per index row) and ``index.json`` (:class:`IndexInfo`).
 
         The files go to a temporary sibling directory that then takes the place of
         ``path`` (:func:`embedpipe.files.replace_dir`: exchanged in one step where one is
@@ -366,7 +470,13 @@ class Index:
         tmp.mkdir()
         try:
             atomic_write(tmp / INDEX_FILE, lambda f: faiss.write_index(self._faiss, str(f)))
-            ids = pa.table({"id": pa.array(self._ids), "label": pa.array(self._labels)})
+            ids = pa.table(
+                {
+                    "id": pa.array(self._ids),
+                    "label": pa.array(self._labels),
+                    "position": pa.array(self._positions, pa.int64()),
+                }
+            )
             atomic_write(tmp / IDS_FILE, lambda f: pq.write_table(ids, f))
             atomic_write_text(json.dumps(self.info.to_dict(), indent=2) + "\n", tmp / META_FILE)
             replace_dir(tmp, path)
@@ -388,18 +498,23 @@ class Index:
         info = read_info(path)
         try:
             faiss_index = faiss.read_index(str(path / INDEX_FILE))
-            table = pq.read_table(path / IDS_FILE, columns=["id", "label"])
+            table = pq.read_table(path / IDS_FILE)
+            ids = table.column("id").to_numpy(zero_copy_only=False).astype(object)
+            labels = table.column("label").to_numpy(zero_copy_only=False).astype(object)
+            positions = (
+                np.arange(len(ids))  # format 1 kept the rows in the embeddings' order
+                if info.format_version == 1
+                else table.column("position").to_numpy().astype(np.int64)
+            )
         except (ValueError, KeyError, TypeError, RuntimeError, pa.ArrowException) as exc:
             raise IndexFileError(f"index {path} cannot be read ({exc}); rebuild it") from None
-        ids = table.column("id").to_numpy(zero_copy_only=False).astype(object)
-        labels = table.column("label").to_numpy(zero_copy_only=False).astype(object)
         if not faiss_index.ntotal == len(ids) == info.count or faiss_index.d != info.dim:
             raise IndexFileError(
                 f"index {path} is inconsistent: {faiss_index.ntotal} vectors of dimension "
                 f"{faiss_index.d}, {len(ids)} ids, metadata says {info.count} x {info.dim}; "
                 "rebuild it"
             )
-        return cls(faiss_index, ids, labels, info)
+        return cls(faiss_index, ids, labels, positions, info)
 
     # --- searching -----------------------------------------------------------------
 
@@ -535,8 +650,12 @@ class Index:
 
         database: the embeddings the index was built from (same rows, same order), streamed
             once to compute exact neighbours.
-        queries: (nq, dim) float query vectors; default: ``n_queries`` rows of the index
-            drawn at random (reconstructed from it), each excluded from its own results.
+        queries: (nq, dim) float query vectors that are not in the index, e.g. embeddings
+            of held-out images: the recall new queries see. Default: ``n_queries`` rows of
+            the index drawn at random (reconstructed from it), each excluded from its own
+            results; quick, but optimistic where an indexed row leads the search to its
+            neighbours (an HNSW graph links every row to them), unlike build-time tuning,
+            which measures queries held out of the index.
         repeats: timed searches of all queries; QPS is from their median.
         nprobe / ef_search: evaluate another setting than the tuned one.
         """
@@ -558,11 +677,22 @@ class Index:
             what="query vectors",
             dim_hint=QUERY_DIM_HINT,
         )
-        truth = ExactTopK(x, exclude, k=k, metric=self.info.metric)
+        # the database streams in the embeddings' order: exact neighbours are found by
+        # position there, then mapped to index rows
+        row_at = np.empty_like(self._positions)
+        row_at[self._positions] = np.arange(len(row_at))
+        truth = ExactTopK(
+            x, None if exclude is None else self._positions[exclude], k=k, metric=self.info.metric
+        )
         for start, block in prepared_blocks(
-            as_block_source(database), dim=self.info.dim, metric=self.info.metric, ids=self._ids
+            as_block_source(database),
+            dim=self.info.dim,
+            metric=self.info.metric,
+            ids=self._ids[row_at],
         ):
             truth.add(start, block)
+        truth_positions = truth.rows()
+        truth_rows = np.where(truth_positions >= 0, row_at[truth_positions], -1)
         seconds = []
         for _ in range(repeats):
             started = time.perf_counter()
@@ -571,7 +701,7 @@ class Index:
         return EvalReport(
             k=k,
             n_queries=len(x),
-            recall=float(query_recalls(found, truth.rows()).mean()),
+            recall=float(query_recalls(found, truth_rows).mean()),
             qps=len(x) / float(np.median(seconds)),
             index_bytes=self.info.index_bytes,
             knob=self._knob,

@@ -52,6 +52,9 @@ class ExactTopK:
         self._heap = faiss.ResultHeap(len(queries), width, keep_max=keep_max)
 
     def add(self, start: int, x: np.ndarray) -> None:
+        """Offer database rows ``start``.. ``start + len(x)``: ``x`` (m, dim) float32."""
+        if len(x) == 0:  # an empty block, or one whose rows are all held out
+            return
         distances, rows = faiss.knn(
             self._queries, x, min(self._heap.k, len(x)), metric=self._metric.faiss_metric
         )

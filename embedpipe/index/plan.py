@@ -41,11 +41,13 @@ graph, and beyond a few million an IVF build on a few cores is hours faster."""
 
 HNSW_M = 32
 BUDGET_HEADROOM = 0.9
-"""Fraction of the memory budget an index may fill; the rest absorbs allocator slack
-and search buffers."""
+"""Fraction of the memory budget an index's size estimate may fill; the rest absorbs
+estimation error, allocator slack and search buffers. The built index itself must fit the
+whole budget: :meth:`Index.build` measures it and falls back to the next plan if not."""
 
 TUNE_QUERIES = 1000
-"""Tuning queries held out of the training sample (at most a tenth of the rows)."""
+"""Tuning queries (at most a tenth of the rows) held out of the training sample, and out
+of the index until tuning is done (see :mod:`embedpipe.index.core`)."""
 
 EF_SEARCH_MAX = 4096
 
@@ -203,27 +205,47 @@ def plan_index(
     memory_budget: int | None = None,
     train_rows: int,
 ) -> IndexPlan:
-    """Choose the index for ``n`` vectors of ``dim`` floats.
+    """Choose the index for ``n`` vectors of ``dim`` floats: the first of
+    :func:`plan_candidates`."""
+    plans = plan_candidates(n, dim, index=index, memory_budget=memory_budget, train_rows=train_rows)
+    return plans[0]
 
-    ``index`` is an :class:`IndexKind` (or its value) or a FAISS factory string.
-    ``memory_budget`` (bytes) bounds the index's estimated size; ``None`` means no bound.
-    ``train_rows`` is how many sample rows are available for training.
 
-    ``auto`` takes the first that fits ``BUDGET_HEADROOM`` of the budget: Flat while the
-    vectors take at most ``FLAT_MAX_BYTES``; HNSW up to ``HNSW_MAX_ROWS`` vectors; IVF-Flat;
-    IVF-SQ8 (a byte per dimension); IVF-PQ with the most code bytes that fit, rotated and
-    reduced by OPQ when each code byte must stand for more than 4 dimensions.
+def plan_candidates(
+    n: int,
+    dim: int,
+    *,
+    index: IndexKind | str = IndexKind.AUTO,
+    memory_budget: int | None = None,
+    train_rows: int,
+) -> list[IndexPlan]:
+    """The indexes for ``n`` vectors of ``dim`` floats whose estimated size fits
+    ``BUDGET_HEADROOM`` of the budget, most preferred first.
+
+    ``index`` is an :class:`IndexKind` (or its value) or a FAISS factory string (one plan,
+    without an estimate). ``memory_budget`` (bytes) bounds the index; ``None`` means no
+    bound. ``train_rows`` is how many sample rows are available for training.
+
+    :func:`plan_index` takes the first; :meth:`Index.build` falls back to the next when a
+    built index turns out larger than the budget, as estimates are not exact.
+
+    ``auto`` prefers Flat while the vectors take at most ``FLAT_MAX_BYTES``; HNSW up to
+    ``HNSW_MAX_ROWS`` vectors; IVF-Flat; IVF-SQ8 (a byte per dimension); IVF-PQ with the
+    most code bytes first, rotated and reduced by OPQ when each code byte must stand for
+    more than 4 dimensions. Raises :class:`MemoryBudgetError` when no estimate fits.
     """
     if n < 1 or dim < 1:
         raise IndexInputError(f"cannot plan an index for {n} vectors of dimension {dim}")
     kind = index if isinstance(index, IndexKind) else _index_kind_or_none(index)
     if kind is None:
-        return IndexPlan(None, index, "FAISS factory string given by the caller", train_rows, None)
+        why = "FAISS factory string given by the caller"
+        return [IndexPlan(None, index, why, train_rows, None)]
     candidates = _candidates(n, dim, kind, train_rows, memory_budget)
-    limit = None if memory_budget is None else memory_budget * BUDGET_HEADROOM
-    for plan in candidates:
-        if limit is None or plan.estimated_bytes <= limit:
-            return plan
+    if memory_budget is None:
+        return candidates
+    fitting = [p for p in candidates if p.estimated_bytes <= memory_budget * BUDGET_HEADROOM]
+    if fitting:
+        return fitting
     smallest = min(plan.estimated_bytes for plan in candidates)
     hint = "raise the budget" + ("" if kind is IndexKind.AUTO else " or use index 'auto'")
     raise MemoryBudgetError(
