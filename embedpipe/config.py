@@ -7,10 +7,13 @@ branches on it share one definition.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import FinetuneError
 from .uris import is_uri
 
 
@@ -56,9 +59,11 @@ class EmbeddingDtype(Choice):
 class DecodeMode(Choice):
     """How JPEGs are decoded.
 
-    ``draft`` lets libjpeg downscale by 1/2, 1/4 or 1/8 in the DCT domain when the
-    image is at least that much larger than the resize target; ``full`` always decodes
-    every pixel; ``device`` decodes JPEGs in batches on the extraction device with
+    ``full`` (the default) decodes every pixel, then resizes: exactly what torchvision's
+    preset computes. ``draft`` lets libjpeg downscale by 1/2, 1/4 or 1/8 in the DCT domain
+    when the image is at least that much larger than the resize target: faster on large
+    photos, not exact (docs/guide.md gives its measured cosine to the exact embedding).
+    ``device`` decodes JPEGs in batches on the extraction device with
     ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA) and resizes them there, leaving the
     workers only reading and checking files. Other formats are decoded fully by the
     workers in every mode.
@@ -108,6 +113,54 @@ class Schedule(Choice):
     STEP = "step"
 
 
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning job. ``unfreeze`` of ``()`` means the family's last stage."""
+
+    source: Path
+    out: Path
+    backbone: str
+    weights: str = "DEFAULT"
+    mode: Mode = Mode.PARTIAL
+    epochs: int = 10
+    lr: float = 0.01
+    backbone_lr_mult: float = 0.1
+    unfreeze: tuple[str, ...] = ()
+    augment: Augment = Augment.STANDARD
+    batch_size: int = 64
+    seed: int = 0
+    optimizer: Optimizer = Optimizer.SGD
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: Schedule = Schedule.COSINE
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    test_size: float = 0.2
+    val_size: float = 0.1
+    early_stopping: int | None = None
+    workers: int = 0
+    device: Device = Device.AUTO
+    resize_size: int | None = None
+    crop_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, kind in (("source", Path), ("out", Path), ("mode", Mode), ("augment", Augment),
+                           ("optimizer", Optimizer), ("schedule", Schedule), ("device", Device)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "unfreeze", tuple(self.unfreeze))
+        if self.epochs < 1 or self.batch_size < 1:
+            raise FinetuneError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not 0 < self.test_size < 1 or not 0 < self.val_size < 1:
+            raise FinetuneError(f"test_size and val_size must lie in (0, 1), got {self.test_size}, {self.val_size}")
+
+    def hparams(self) -> dict:
+        """The settings that shape the result (what resume and provenance compare)."""
+        d = dataclasses.asdict(self)
+        for k in ("source", "out", "workers", "device", "epochs", "early_stopping"):
+            d.pop(k)
+        return json.loads(json.dumps(d, default=str))
+
+
 #: Pillow's own default warning threshold; above it an image is refused before decoding.
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -132,7 +185,7 @@ class ExtractConfig:
     precision: Precision = Precision.FP32
     batch_size: int | None = None
     workers: int | None = None
-    decode: DecodeMode = DecodeMode.DRAFT
+    decode: DecodeMode = DecodeMode.FULL
     embedding_dtype: EmbeddingDtype = EmbeddingDtype.FLOAT32
     normalize: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -24,7 +24,6 @@ noisy copies of the input, because a plain gradient is dominated by high-frequen
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ from torch import nn
 
 from .backbones import Embedder, get_spec, load_backbone, load_classifier
 from .config import DEFAULT_MAX_PIXELS, Choice, DecodeMode
-from .errors import ExplainError, ImageDecodeError, UnknownLayerError, WeightsError
+from .errors import ExplainError, ImageDecodeError, UnknownLayerError, WeightsError, did_you_mean
 from .figures import DPI, png, shorten, show_pixels, titled_figure
 from .files import atomic_write_bytes
 from .images.decode import DecodeFailure, decode_file
@@ -87,10 +86,8 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         return module
     except AttributeError:
         choices = layer_names(net)
-        close = difflib.get_close_matches(name, choices, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UnknownLayerError(
-            f"{type(net).__name__} has no layer {name!r}.{hint} Valid layers (top- and "
+            f"{type(net).__name__} has no layer {name!r}.{did_you_mean(name, choices)} Valid layers (top- and "
             f"second-level modules; any deeper dotted path works too): {', '.join(choices)}"
         ) from None
 

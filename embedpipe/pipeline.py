@@ -33,10 +33,13 @@ failing step stops the pipeline with its error; finished steps stay as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import tomllib
 from collections.abc import Callable
@@ -44,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import Choice, ExtractConfig, FinetuneConfig
 from .errors import PipelineError
 from .files import atomic_write_bytes, atomic_write_text
 
@@ -57,21 +61,29 @@ STEP_RECORD = "_step.json"
 BUILTIN_DATASETS = ("mnist", "photos")
 _DATASET_KEYS = {"images", "builtin", "digits", "per_class"}
 
-#: step kind -> (allowed option keys, keys that name other steps)
-_STEP_KEYS: dict[str, tuple[set[str], set[str]]] = {
-    "extract": ({"dataset", "backbone", "weights", "layer", "batch_size", "precision", "decode",
-                 "embedding_dtype", "normalize", "seed", "resize_size", "crop_size", "workers",
-                 "weights_key_map", "max_errors", "engine", "ray_address", "concurrency",
-                 "num_gpus_per_worker"}, set()),
-    "finetune": ({"dataset", "backbone", "weights", "mode", "epochs", "lr", "backbone_lr_mult",
-                  "unfreeze", "augment", "batch_size", "seed", "optimizer", "schedule",
-                  "warmup_epochs", "weight_decay", "label_smoothing", "test_size", "val_size",
-                  "early_stopping", "resize_size", "crop_size"}, set()),
-    "index": ({"input", "metric", "index", "memory_budget", "target_recall", "seed"}, {"input"}),
-    "probe": ({"inputs", "test_size", "seed", "standardize", "l2_normalize"}, {"inputs"}),
-    "gallery": ({"index", "queries", "k"}, {"index"}),
-}
+def _fields(config: type, *, without: set[str]) -> set[str]:
+    return {f.name for f in dataclasses.fields(config)} - without
+
+
+def _step_keys() -> dict[str, tuple[set[str], set[str]]]:
+    """Step kind -> (allowed option keys, keys that name other steps): the fields of each
+    step's config, so that a new option is a pipeline key the day it exists."""
+    from .index import Index
+    from .probe import ProbeConfig
+
+    build = inspect.signature(Index.build).parameters
+    index_options = {n for n, p in build.items() if p.kind is p.KEYWORD_ONLY} - {"meta", "embeddings_path"}
+    return {
+        "extract": (_fields(ExtractConfig, without={"source", "out", "overwrite"}) | {"dataset"}, set()),
+        "finetune": (_fields(FinetuneConfig, without={"source", "out"}) | {"dataset"}, set()),
+        "index": (index_options | {"input"}, {"input"}),
+        "probe": (_fields(ProbeConfig, without=set()) | {"inputs"}, {"inputs"}),
+        "gallery": ({"index", "queries", "k"}, {"index"}),
+    }
+
+
 _COMMON = {"kind", "name"}
+_STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -122,14 +134,18 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
             raise PipelineError(f"{_where(path, f'datasets.{name}.builtin')} = {d['builtin']!r}; allowed: {list(BUILTIN_DATASETS)}")
         datasets[name] = {**d, **({"images": str((base / d["images"]).resolve())} if "images" in d else {})}
     steps: list[Step] = []
+    step_keys = _step_keys()
     for i, s in enumerate(doc.get("steps", [])):
         where = _where(path, f"steps[{i}]")
         kind, name = s.get("kind"), s.get("name")
-        if kind not in _STEP_KEYS:
-            raise PipelineError(f"{where}.kind = {kind!r}; allowed: {sorted(_STEP_KEYS)}")
-        if not isinstance(name, str) or not name or "/" in name:
-            raise PipelineError(f"{where}.name must be a non-empty name without '/'")
-        allowed, refs = _STEP_KEYS[kind]
+        if kind not in step_keys:
+            raise PipelineError(f"{where}.kind = {kind!r}; allowed: {sorted(step_keys)}")
+        if not isinstance(name, str) or not _STEP_NAME.fullmatch(name) or name in (".", ".."):
+            raise PipelineError(
+                f"{where}.name = {name!r}: a step name is letters, digits, '_', '-' and '.', "
+                "starting with a letter or digit (it names the step's output folder)"
+            )
+        allowed, refs = step_keys[kind]
         extra = set(s) - allowed - _COMMON
         if extra:
             raise PipelineError(f"{where} ({name}): unknown keys {sorted(extra)}; allowed for {kind}: {sorted(allowed)}")
@@ -196,10 +212,21 @@ def _key(config: dict, inputs: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps({"config": config, "inputs": inputs}, sort_keys=True).encode()).hexdigest()
 
 
+class StepState(Choice):
+    """Where a step stands: before a run (the first four) or after it."""
+
+    UP_TO_DATE = "up to date"
+    NEW = "new"
+    CONFIG_CHANGED = "config changed"
+    INPUTS_CHANGED = "inputs changed"
+    DONE = "done"
+    FAILED = "failed"
+
+
 @dataclass
 class StepStatus:
     step: Step
-    state: str  # "up to date" | "new" | "config changed" | "inputs changed" | "done" | "failed"
+    state: StepState
     detail: str = ""
 
 
@@ -249,7 +276,6 @@ class _Runner:
     # one method per step kind: options in, files out under the step's folder
 
     def extract(self, step: Step, out: Path) -> str:
-        from .config import ExtractConfig
         from .extraction import extract
 
         o = {k: v for k, v in step.options.items() if k != "dataset"}
@@ -261,7 +287,7 @@ class _Runner:
         return s.line()
 
     def finetune(self, step: Step, out: Path) -> str:
-        from .finetune import FinetuneConfig, finetune
+        from .finetune import finetune
 
         o = {k: v for k, v in step.options.items() if k != "dataset"}
         o["weights"] = self.weights(step)
@@ -319,6 +345,15 @@ class _Runner:
         return str(self.dataset_path(extract_step.options["dataset"]))
 
 
+def _remove_step_output(out: Path, root: Path) -> None:
+    """Delete a step's output folder, and nothing else: ``out`` must be a folder directly
+    under the pipeline's output root (never the root, its parent, or a link out of it)."""
+    root = root.resolve()
+    if out.is_symlink() or out.resolve().parent != root:
+        raise PipelineError(f"refusing to delete {out}: it is not a step folder directly under {root}")
+    shutil.rmtree(out)
+
+
 def run_pipeline(
     path: str | os.PathLike, *, dry_run: bool = False, progress: bool = False,
     on_status: Callable[[StepStatus], None] | None = None,
@@ -335,44 +370,47 @@ def run_pipeline(
     for step in pipeline.steps:
         out = pipeline.step_dir(step.name)
         config = {"kind": step.kind, "options": step.options}
+        if step.options.get("weights") == "available":
+            # what "available" means changes when weights reach the cache: part of the key
+            config["weights_resolved"] = runner.weights(step)
         if dry_run and any(n in changed for n in step.needs):
-            status = StepStatus(step, "inputs changed", "an upstream step would run")
+            status = StepStatus(step, StepState.INPUTS_CHANGED, "an upstream step would run")
         else:
             inputs = runner.inputs(step)
             record = out / STEP_RECORD
             old = json.loads(record.read_text()) if record.exists() else None
             key = _key(config, inputs)
             if old is None:
-                state = "new"
+                state = StepState.NEW
             elif old.get("key") == key:
-                state = "up to date"
+                state = StepState.UP_TO_DATE
             elif old.get("config") != config:
-                state = "config changed"
+                state = StepState.CONFIG_CHANGED
             else:
-                state = "inputs changed"
+                state = StepState.INPUTS_CHANGED
             status = StepStatus(step, state)
-        if status.state != "up to date":
+        if status.state != StepState.UP_TO_DATE:
             changed.add(step.name)
-        if dry_run or status.state == "up to date":
+        if dry_run or status.state == StepState.UP_TO_DATE:
             run.statuses.append(status)
             if on_status:
                 on_status(status)
             continue
         if on_status:
             on_status(status)
-        if status.state == "config changed" and step.kind == "finetune":
-            shutil.rmtree(out)  # a run with other settings cannot be resumed, only replaced
+        if status.state == StepState.CONFIG_CHANGED and step.kind == "finetune":
+            _remove_step_output(out, pipeline.out)  # other settings cannot resume, only replace
         try:
             detail = getattr(runner, step.kind)(step, out)
         except Exception as e:
-            failed = StepStatus(step, "failed", f"{type(e).__name__}: {e}")
+            failed = StepStatus(step, StepState.FAILED, f"{type(e).__name__}: {e}")
             run.statuses.append(failed)
             if on_status:
                 on_status(failed)
             raise PipelineError(f"step {step.name!r} ({step.kind}) failed: {e}") from e
         # record only after success, with the inputs as they were read
         atomic_write_text(json.dumps({"key": key, "config": config, "inputs": inputs}, indent=2), out / STEP_RECORD)
-        done = StepStatus(step, "done", detail)
+        done = StepStatus(step, StepState.DONE, detail)
         run.statuses.append(done)
         if on_status:
             on_status(done)

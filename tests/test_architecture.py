@@ -80,9 +80,9 @@ def test_the_cli_starts_without_torch_faiss_or_sklearn(argv):
 
 
 def test_info_on_a_dataset_imports_neither_torch_nor_faiss(tmp_path):
-    from embedpipe.store import DatasetWriter, embeddings_schema, embeddings_table
-
     import numpy as np
+
+    from embedpipe.store import DatasetWriter, embeddings_schema, embeddings_table
 
     meta = {"backbone": "lenet5", "dim": 4, "layer": "gap"}
     with DatasetWriter(tmp_path / "emb", meta) as w:

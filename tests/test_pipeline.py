@@ -100,11 +100,52 @@ def test_dry_run_writes_nothing(image_folder, tmp_path):
         ('[pipeline]\nout="o"\n[datasets.d]\nbuiltin="cifar"', r"builtin = 'cifar'; allowed: \['mnist', 'photos'\]"),
         ('[pipline]\nout="o"', r"unknown top-level keys \['pipline'\]"),
         ('[pipeline]\n[[steps]]', "pipeline.out must be a path"),
+        ('[pipeline]\nout="o"\n[[steps]]\nkind="index"\nname=".."\ninput="a"', r"name = '\.\.': a step name is"),
+        ('[pipeline]\nout="o"\n[[steps]]\nkind="index"\nname="."\ninput="a"', r"name = '\.': a step name is"),
+        ('[pipeline]\nout="o"\n[[steps]]\nkind="index"\nname="a/b"\ninput="a"', r"name = 'a/b'"),
     ],
 )
 def test_validation_errors_name_the_key_and_the_choices(tmp_path, body, match):
     with pytest.raises(PipelineError, match=match):
         load_pipeline(write(tmp_path, body))
+
+
+def test_step_keys_follow_the_config_dataclasses(tmp_path):
+    """A field added to ExtractConfig/FinetuneConfig/ProbeConfig is a pipeline key at once."""
+    from embedpipe.pipeline import _step_keys
+
+    keys = _step_keys()
+    assert {"decode_timeout", "max_pixels", "device"} <= keys["extract"][0]
+    assert {"momentum", "device"} <= keys["finetune"][0]
+    assert {"validation_size", "knn_ks"} <= keys["probe"][0]
+    assert {"memory_budget", "target_recall"} <= keys["index"][0]
+
+
+def test_a_step_folder_is_deleted_only_under_the_output_root(tmp_path):
+    from embedpipe.pipeline import _remove_step_output
+
+    root = tmp_path / "out"
+    (root / "ft").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "link").symlink_to(tmp_path / "elsewhere")
+    for bad in (root, tmp_path, root / "link", root / "ft" / ".."):
+        with pytest.raises(PipelineError, match="refusing to delete"):
+            _remove_step_output(bad, root)
+    assert root.exists() and (tmp_path / "elsewhere").exists()
+    _remove_step_output(root / "ft", root)
+    assert not (root / "ft").exists()
+
+
+def test_available_weights_are_part_of_the_step_key(image_folder, tmp_path, monkeypatch):
+    """When cached weights appear, a step with weights = "available" runs again."""
+    import embedpipe.pipeline as pipeline_module
+
+    body = BASE.format(batch=4).replace('weights = "none"', 'weights = "available"')
+    path = write(tmp_path, body.replace('images = "images"', f'images = "{image_folder}"'))
+    run_pipeline(path)
+    assert states(run_pipeline(path, dry_run=True))["emb"] == "up to date"
+    monkeypatch.setattr(pipeline_module._Runner, "weights", lambda self, step: "/cache/lenet5-new.pt")
+    assert states(run_pipeline(path, dry_run=True))["emb"] == "config changed"
 
 
 def test_shipped_pipelines_are_valid():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from .app import main
 from ._common import friendly_errors
+from .app import main
 
 _IMAGE = click.Path(exists=True, dir_okay=False, path_type=Path)
 

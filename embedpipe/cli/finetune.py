@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..config import Augment, Device, Mode, Optimizer, Schedule
-from .app import main
+from ..config import Augment, Device, FinetuneConfig, Mode, Optimizer, Schedule
 from ._common import enum_choice, friendly_errors
+from .app import main
 
 
 @main.command()
@@ -44,7 +44,6 @@ from ._common import enum_choice, friendly_errors
 @friendly_errors
 def finetune(ctx: click.Context, source: Path, **options) -> None:
     """Fine-tune a backbone on the labelled images under SOURCE; re-run to resume."""
-    from ..finetune import FinetuneConfig
     from ..finetune import finetune as run
 
     options["unfreeze"] = tuple(options["unfreeze"])

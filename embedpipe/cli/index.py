@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 
 from ..config import Choice
-from .app import main
 from ._common import echo_json, enum_choice, friendly_errors
+from .app import main
 
 # The values of embedpipe.index.Metric, spelt out so that building the command line does
 # not import FAISS; tests/test_cli_index.py checks that the two agree.

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from .app import main
 from ._common import friendly_errors
+from .app import main
 
 
 @main.command()
@@ -17,11 +17,13 @@ from ._common import friendly_errors
 @friendly_errors
 def run(ctx: click.Context, pipeline: Path, dry_run: bool) -> None:
     """Run a pipeline file: every step that is not up to date, in dependency order."""
-    from ..pipeline import StepStatus, run_pipeline
+    from ..pipeline import StepState, StepStatus, run_pipeline
+
+    final = {StepState.UP_TO_DATE: "skip", StepState.DONE: "done", StepState.FAILED: "FAIL"}
 
     def show(s: StepStatus) -> None:
-        verb = {"up to date": "skip", "done": "done", "failed": "FAIL"}.get(s.state, "would run" if dry_run else "run")
-        reason = "" if s.state in ("up to date", "done", "failed") else f" ({s.state})"
+        verb = final.get(s.state, "would run" if dry_run else "run")
+        reason = "" if s.state in final else f" ({s.state})"
         click.echo(f"{verb:>9}  {s.step.kind:<8} {s.step.name}{reason}{': ' + s.detail if s.detail else ''}")
 
     run_pipeline(pipeline, dry_run=dry_run, progress=ctx.obj["progress"], on_status=show)

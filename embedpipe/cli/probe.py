@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from ..config import IdAlignment
-from .app import main
 from ._common import enum_choice, friendly_errors
+from .app import main
 
 
 def _names(paths: tuple[Path, ...]) -> list[str]:
