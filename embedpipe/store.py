@@ -442,6 +442,31 @@ class _PartSet:
         ids, sizes, mtimes = (t.column(c).to_pylist() for c in ("id", "size", "mtime_ns"))
         return dict(zip(ids, zip(sizes, mtimes)))
 
+    def labels(self) -> dict[str, str | None]:
+        """id -> label of every committed row."""
+        t = self.read_columns(["id", "label"])
+        return dict(zip(t.column("id").to_pylist(), t.column("label").to_pylist()))
+
+    def relabel(self, labels: dict[str, str | None]) -> int:
+        """Rewrite the parts holding any id of ``labels`` with those labels (vectors and
+        everything else unchanged); returns the rows changed."""
+        if not labels:
+            return 0
+        wanted = pa.array(sorted(labels), pa.string())
+        changed = 0
+        for part in self.parts():
+            ids = pq.read_table(part, columns=["id"]).column("id")
+            if not pc.any(pc.is_in(ids, value_set=wanted)).as_py():
+                continue
+            table = pq.read_table(part)
+            old = table.column("label").to_pylist()
+            new = [labels.get(i, label) for i, label in zip(table.column("id").to_pylist(), old)]
+            changed += sum(a != b for a, b in zip(old, new))
+            i = table.schema.get_field_index("label")
+            table = table.set_column(i, table.schema.field(i), pa.array(new, pa.string()))
+            self.commit(table.replace_schema_metadata(None), [part])
+        return changed
+
     def drop(self, ids: set[str]) -> int:
         """Rewrite the parts holding any of ``ids`` without those rows."""
         dropped = 0
@@ -571,6 +596,14 @@ class DatasetWriter:
 
     def append_errors(self, table: pa.Table) -> None:
         self.errors.append(table)
+
+    def labels(self) -> dict[str, str | None]:
+        """id -> label of every committed embedding."""
+        return self.embeddings.labels()
+
+    def relabel(self, labels: dict[str, str | None]) -> int:
+        """Change the labels of committed embeddings in place; returns the rows changed."""
+        return self.embeddings.relabel(labels)
 
     def drop(self, ids: set[str]) -> tuple[int, int]:
         """Remove ``ids`` from embeddings and errors; returns the rows removed from each."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -11,6 +12,16 @@ from PIL import Image
 
 # Tests run on 2 cores beside decode workers: keep torch from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def require(module: str, why: str):
+    """Import ``module`` for a test, or skip it here; under CI=true a missing tool fails."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{module} is not installed ({why}): pip install -e '.[test]'")
+        pytest.skip(f"{module} is not installed ({why})", allow_module_level=True)
 
 
 def make_image(path: Path, *, size=(64, 48), seed=0, mode="RGB", fmt=None, **save) -> Path:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torchvision.models import get_model
 
@@ -238,8 +237,7 @@ def test_missing_pretrained_weights_name_the_file_to_place(tmp_path, monkeypatch
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline, raising=False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     expected = tmp_path / "th" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
     with pytest.raises(WeightsNotFoundError) as e:
         load_backbone("resnet50", weights="DEFAULT")
@@ -247,6 +245,78 @@ def test_missing_pretrained_weights_name_the_file_to_place(tmp_path, monkeypatch
     assert "ResNet50_Weights.IMAGENET1K_V2" in msg and str(expected) in msg
     assert "https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in msg
     assert "--weights none" in msg
+
+
+def _cache_as(monkeypatch, tmp_path, payload_path):
+    """Make ResNet18_Weights.IMAGENET1K_V1 resolve to ``payload_path``'s bytes, under a
+    cache name whose hash prefix matches them (as torchvision names its files)."""
+    import hashlib
+
+    import embedpipe.backbones.weights as bw
+
+    digest = hashlib.sha256(payload_path.read_bytes()).hexdigest()
+    cached = tmp_path / "cache" / f"resnet18-{digest[:8]}.pth"
+    cached.parent.mkdir(exist_ok=True)
+    cached.write_bytes(payload_path.read_bytes())
+    monkeypatch.setattr(bw, "cached_weights_path", lambda weights: cached)
+    return cached
+
+
+def test_torchvision_weights_load_without_unpickling_and_equal_torchvision(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    reference = get_model("resnet18")
+    torch.save(reference.state_dict(), tmp_path / "w.pth")
+    _cache_as(monkeypatch, tmp_path, tmp_path / "w.pth")
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real_load(*a, **k))
+    emb = load_backbone("resnet18", weights="IMAGENET1K_V1")
+    assert loads == [True]  # the only load, and with weights_only
+    x = torch.randn(2, 3, 64, 64)
+    reference.fc = torch.nn.Identity()
+    with torch.inference_mode():
+        torch.testing.assert_close(emb(x), reference.eval()(x))
+    assert emb.weights.name == "ResNet18_Weights.IMAGENET1K_V1" and emb.weights.pretrained
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {os.environ['EMBEDPIPE_PWNED']}",))
+
+
+def test_a_pickle_in_the_weights_cache_is_never_executed(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EMBEDPIPE_PWNED", str(marker))
+    torch.save({"fc.weight": _Exploit()}, tmp_path / "evil.pth")
+    _cache_as(monkeypatch, tmp_path, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match="weights_only"):
+        load_backbone("resnet18", weights="IMAGENET1K_V1")
+    assert not marker.exists()
+
+
+def test_a_damaged_cache_file_is_refused_by_its_hash(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    torch.save(get_model("resnet18").state_dict(), tmp_path / "w.pth")
+    cached = _cache_as(monkeypatch, tmp_path, tmp_path / "w.pth")
+    cached.write_bytes(cached.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(WeightsError, match=r"sha256 does not start with [0-9a-f]{8}.*Delete the file"):
+        load_backbone("resnet18", weights="IMAGENET1K_V1")
+
+
+@pytest.mark.parametrize("recorded, expected", [(None, True), ({"transform_input": False}, False)])
+def test_checkpoints_are_built_as_they_were_trained(tmp_path, recorded, expected):
+    """A GoogLeNet fine-tuned from random init was trained without transform_input; a
+    checkpoint that says nothing is taken to descend from the ImageNet weights."""
+    torch.manual_seed(0)
+    state = get_model("googlenet", weights=None, aux_logits=False, init_weights=False).state_dict()
+    payload = {"state_dict": state}
+    if recorded is not None:
+        payload["embedpipe_finetune"] = {"build": recorded}
+    torch.save(payload, tmp_path / "g.pt")
+    emb = load_backbone("googlenet", weights=str(tmp_path / "g.pt"))
+    assert emb.model.transform_input is expected
 
 
 def test_weights_enum_names_select_their_own_preprocessing():

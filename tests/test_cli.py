@@ -6,7 +6,6 @@ import json
 import urllib.error
 
 import torch
-import torchvision
 from click.testing import CliRunner
 
 from embedpipe.cli import main
@@ -59,8 +58,7 @@ def test_missing_pretrained_weights_exit_non_zero_with_the_fix(image_folder, tmp
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline, raising=False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     r = CliRunner().invoke(main, ["extract", str(image_folder), "--backbone", "resnet50",
                                   "--weights", "DEFAULT", "--out", str(tmp_path / "emb")])
     assert r.exit_code == 1

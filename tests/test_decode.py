@@ -17,7 +17,7 @@ from conftest import make_image
 from PIL import Image
 
 from embedpipe.config import DecodeMode
-from embedpipe.images.decode import Decoded, DecodeFailure, decode_file
+from embedpipe.images.decode import Decoded, DecodeFailure, EncodedJPEG, decode_file
 from embedpipe.images.preprocess import Preprocessing
 
 P = Preprocessing(resize_size=8, crop_size=8)
@@ -196,9 +196,87 @@ def test_content_hash_and_original_size(tmp_path):
     assert d.content_hash == hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
 
-@pytest.mark.parametrize("mode", [DecodeMode.FULL, DecodeMode.DRAFT])
-def test_draft_only_changes_large_jpegs(tmp_path, mode):
-    path = make_image(tmp_path / "small.jpg", size=(20, 14), quality=90)
-    full = pixels(path, P)
-    assert np.array_equal(decode(path, P, mode=mode).pixels, full)
+def test_draft_only_changes_large_jpegs(tmp_path):
+    small = make_image(tmp_path / "small.jpg", size=(20, 14), quality=90)
+    assert np.array_equal(decode(small, P, mode=DecodeMode.DRAFT).pixels, pixels(small, P))
+    big = make_image(tmp_path / "big.jpg", size=(800, 560), quality=90)
+    assert not np.array_equal(decode(big, P, mode=DecodeMode.DRAFT).pixels, pixels(big, P))
 
+
+
+# --- the device path (--decode device), forced on the CPU ------------------------------
+
+
+def _asymmetric_jpeg(path: Path, orientation: int) -> Path:
+    """A 96x64 JPEG whose every flip and turn looks different, with an EXIF orientation."""
+    yy, xx = np.mgrid[0:64, 0:96]
+    arr = np.stack([xx * 255 // 95, yy * 255 // 63, ((xx < 30) & (yy < 20)) * 255], -1).astype(np.uint8)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(path, exif=exif, quality=95)
+    return path
+
+
+def _device_pixels(path: Path, p: Preprocessing) -> np.ndarray:
+    """The pixels the GPU path computes: the worker only checks the file, then
+    ``decode_items`` decodes, orients and resizes it on the device (the CPU here)."""
+    import torch
+
+    from embedpipe.extraction.device_decode import decode_items
+
+    item = decode(path, p, mode=DecodeMode.DEVICE)
+    assert isinstance(item, EncodedJPEG)
+    x, failures = decode_items([item], p, torch.device("cpu"))
+    assert not failures
+    return x[0].permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_device_decode_applies_exif_orientation(tmp_path, orientation):
+    p = Preprocessing(resize_size=48, crop_size=48)
+    path = _asymmetric_jpeg(tmp_path / f"o{orientation}.jpg", orientation)
+    worker = decode(path, p, mode=DecodeMode.FULL)
+    device = decode(path, p, mode=DecodeMode.DEVICE)
+    assert (device.width, device.height) == (worker.width, worker.height)
+    assert device.orientation == orientation
+    got = _device_pixels(path, p).astype(int)
+    # the two resizers (PIL's and torch's antialiased one) differ by a level or two...
+    assert np.abs(got - worker.pixels.astype(int)).mean() < 3
+    # ... while the image as stored (no orientation applied) is far from it
+    if orientation != 1:
+        stored = decode(_asymmetric_jpeg(tmp_path / "stored.jpg", 1), p, mode=DecodeMode.FULL)
+        assert np.abs(stored.pixels.astype(int) - worker.pixels.astype(int)).mean() > 20
+
+
+def test_device_decode_pixels_match_the_worker_path_on_photos(tmp_path):
+    """Pixels, not embeddings of a random network: the device resize must stay within a
+    couple of levels of the exact path, far closer than two different photos are."""
+    from embedpipe.images.samples import photo_folder
+
+    p = Preprocessing(resize_size=256, crop_size=224)
+    photos = sorted(photo_folder(tmp_path / "photos").glob("*.jpg"))[:4]
+    exact = [decode(f, p, mode=DecodeMode.FULL).pixels.astype(int) for f in photos]
+    device = [_device_pixels(f, p).astype(int) for f in photos]
+    same = [np.abs(a - b).mean() for a, b in zip(device, exact)]
+    different = [np.abs(a - b).mean() for a, b in zip(exact, exact[1:])]
+    assert max(same) < 2.5 and min(different) > 10 * max(same)
+
+
+def test_draft_decoding_stays_close_to_full_decoding_on_photos(tmp_path):
+    """Draft (DCT-domain downscaling) changes pixels of large JPEGs by a few levels, far
+    less than two different photos differ; it is never the default."""
+    from embedpipe.images.samples import photo_folder
+
+    p = Preprocessing(resize_size=256, crop_size=224)
+    big = []
+    for f in sorted(photo_folder(tmp_path / "photos").glob("*.jpg"))[:4]:
+        img = Image.open(f).convert("RGB")
+        big.append(tmp_path / f"big-{f.name}")
+        img.resize((img.width * 3, img.height * 3), Image.Resampling.BICUBIC).save(big[-1], quality=92)
+    full = [decode(f, p, mode=DecodeMode.FULL).pixels.astype(int) for f in big]
+    draft = [decode(f, p, mode=DecodeMode.DRAFT).pixels.astype(int) for f in big]
+    same = [np.abs(a - b).mean() for a, b in zip(draft, full)]
+    different = [np.abs(a - b).mean() for a, b in zip(full, full[1:])]
+    # measured: 0.6 to 7 levels on a detailed photo, against 67 to 83 between photos
+    assert 0 < min(same) and max(same) < 10 and min(different) > 5 * max(same)

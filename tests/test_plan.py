@@ -7,17 +7,24 @@ import torch
 
 from embedpipe.config import ExtractConfig
 from embedpipe.errors import DeviceError
-from embedpipe.extraction.plan import bf16_supported_on_cpu, cpu_count, plan
+from embedpipe.extraction.plan import bf16_supported_on_cpu, plan
 
 
 def cfg(**kw) -> ExtractConfig:
     return ExtractConfig(source=".", out=".", backbone="resnet18", **kw)
 
 
-def test_cpu_defaults_keep_fp32_exact():
+@pytest.mark.parametrize(
+    "cores, workers, threads",
+    [(1, 1, 1), (2, 2, 2), (8, 8, 8), (32, 8, 32)],  # decoders: one per core, at most 8
+)
+def test_cpu_defaults_keep_fp32_exact(monkeypatch, cores, workers, threads):
+    import embedpipe.extraction.plan as planning
+
+    monkeypatch.setattr(planning, "cpu_count", lambda: cores)
     r = plan(cfg(device="cpu"))
     assert (r.device, r.precision, r.channels_last) == ("cpu", "fp32", False)
-    assert r.threads == cpu_count() and r.workers == min(cpu_count(), 8) and r.batch_size == 8
+    assert (r.workers, r.threads, r.batch_size) == (workers, threads, 8)
     assert r.worker_nice > 0  # decoders yield to the forward pass
 
 
@@ -43,8 +50,15 @@ def test_cuda_asked_for_without_a_gpu(monkeypatch):
     assert plan(cfg(device="auto")).device == "cpu"
 
 
-def test_auto_picks_cuda_when_present(monkeypatch):
+@pytest.mark.parametrize(
+    "cores, workers, threads",
+    [(1, 1, 1), (2, 1, 2), (16, 15, 4), (64, 16, 4)],  # a core for the main loop, 16 at most
+)
+def test_auto_picks_cuda_when_present(monkeypatch, cores, workers, threads):
+    import embedpipe.extraction.plan as planning
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(planning, "cpu_count", lambda: cores)
     r = plan(cfg(precision="fp16"))
     assert (r.device, r.channels_last, r.batch_size) == ("cuda", True, 128)
-    assert r.workers == max(1, min(cpu_count() - 1, 16))
+    assert (r.workers, r.threads, r.worker_nice) == (workers, threads, 0)

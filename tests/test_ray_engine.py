@@ -18,7 +18,7 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
-from conftest import make_image
+from conftest import make_image, require
 from PIL import Image
 
 from embedpipe.cli import main
@@ -27,7 +27,7 @@ from embedpipe.errors import MetadataMismatchError, MissingDependencyError, TooM
 from embedpipe.extraction import local as engine
 from embedpipe.store import identity, read_embeddings, read_errors
 
-ray = pytest.importorskip("ray")
+ray = require("ray", "the Ray engine: pip install -e '.[ray]'")
 
 pytestmark = pytest.mark.ray
 

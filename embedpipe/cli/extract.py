@@ -17,8 +17,8 @@ from ..config import (
     Precision,
 )
 from ..uris import is_uri
-from .app import main
 from ._common import echo_json, enum_choice, friendly_errors
+from .app import main
 
 
 @main.command()
@@ -94,8 +94,9 @@ class SourceParam(click.ParamType):
 @click.option("--precision", type=enum_choice(Precision), default=Precision.FP32.value,
               help="fp32 reproduces torchvision exactly; bf16 is ~3x faster on AMX CPUs.")
 @click.option("--workers", type=click.IntRange(min=1), help="Decode processes. Default: from the cores.")
-@click.option("--decode", type=enum_choice(DecodeMode), default=DecodeMode.DRAFT.value,
-              help="draft: JPEG DCT-domain downscale while decoding; full: decode every pixel.")
+@click.option("--decode", type=enum_choice(DecodeMode), default=DecodeMode.FULL.value,
+              help="full: decode every pixel (exact); draft: JPEG DCT-domain downscale (faster, "
+              "not exact); device: JPEGs decoded on the GPU.")
 @click.option("--embedding-dtype", type=enum_choice(EmbeddingDtype), default=EmbeddingDtype.FLOAT32.value)
 @click.option("--normalize/--no-normalize", default=False, help="L2-normalise embeddings.")
 @click.option("--resize-size", type=click.IntRange(min=1), help="Override the weights' resize size.")
@@ -141,11 +142,21 @@ def extract(ctx: click.Context, source: Path | str, **options) -> None:
 @main.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--errors", "list_errors", is_flag=True,
+              help="List the images that could not be embedded (id, error type, message).")
 @friendly_errors
-def info(path: Path, as_json: bool) -> None:
+def info(path: Path, as_json: bool, list_errors: bool) -> None:
     """Describe an embeddings dataset: rows, dim, backbone, weights, labels, files."""
-    from ..store import dataset_info
+    from ..store import dataset_info, read_errors
 
+    if list_errors:
+        errors = read_errors(path)[["id", "error_type", "message"]]
+        if as_json:
+            echo_json(errors.to_dict(orient="records"))
+        else:
+            for row in errors.itertuples():
+                click.echo(f"{row.id}\t{row.error_type}\t{row.message}")
+        return
     d = dataset_info(path)
     if as_json:
         echo_json(d)

@@ -28,6 +28,31 @@ warnings.filterwarnings(
 )
 
 
+def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(C, H, W) as stored -> upright, for an EXIF orientation tag (1-8): what Pillow's
+    ``ImageOps.exif_transpose`` does, as tensor ops that run on the device.
+
+    torchvision's CUDA JPEG decoder ignores ``apply_exif_orientation``, so the tag is read
+    on the host (:class:`EncodedJPEG.orientation`) and applied here, on every device alike.
+    """
+    rows, cols = -2, -1
+    if orientation == 2:  # mirrored left-right
+        return img.flip(cols)
+    if orientation == 3:  # upside down
+        return img.flip(rows, cols)
+    if orientation == 4:  # mirrored top-bottom
+        return img.flip(rows)
+    if orientation == 5:  # transposed (mirror across the main diagonal)
+        return img.transpose(rows, cols)
+    if orientation == 6:  # turned 90 degrees counter-clockwise: turn it clockwise
+        return torch.rot90(img, k=-1, dims=(rows, cols))
+    if orientation == 7:  # transversed (mirror across the anti-diagonal)
+        return img.transpose(rows, cols).flip(rows, cols)
+    if orientation == 8:  # turned clockwise: turn it counter-clockwise
+        return torch.rot90(img, k=1, dims=(rows, cols))
+    return img
+
+
 def _resize_crop(img: torch.Tensor, p: Preprocessing) -> torch.Tensor:
     """(C, H, W) uint8 -> (C, crop, crop) uint8, torchvision's tensor resize and crop."""
     img = F.resize(img, [p.resize_size], interpolation=F.InterpolationMode(p.interpolation), antialias=True)
@@ -47,12 +72,12 @@ def decode_items(
     decoded: dict[int, torch.Tensor] = {}
     failures: dict[int, DecodeFailure] = {}
     try:
-        images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
         decoded = dict(zip(encoded, images))
     except RuntimeError:  # one bad stream fails the batch call: find it
         for i, data in zip(encoded, datas):
             try:
-                decoded[i] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+                decoded[i] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
             except RuntimeError as e:
                 message = str(e).rsplit(", ", 1)[-1]  # drop torchvision's source location
                 kind = ErrorType.TRUNCATED if "truncated" in message else ErrorType.DECODE_ERROR
@@ -64,7 +89,7 @@ def decode_items(
         if isinstance(d, Decoded):
             out.append(torch.from_numpy(np.ascontiguousarray(d.pixels)).permute(2, 0, 1).to(device))
         else:
-            out.append(_resize_crop(decoded[i], preprocessing))
+            out.append(_resize_crop(orient(decoded[i], d.orientation), preprocessing))
     if not out:
         crop = preprocessing.crop_size
         return torch.empty(0, 3, crop, crop, dtype=torch.uint8, device=device), failures

@@ -6,6 +6,7 @@ exactly as a recorded dataset was made (same backbone, weights, preprocessing, p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -14,7 +15,7 @@ import torch
 
 from ..backbones import Embedder, load_backbone
 from ..config import DEFAULT_MAX_PIXELS, ExtractConfig, Precision
-from ..errors import ProvenanceError
+from ..errors import MetadataMismatchError, ProvenanceError
 from ..images.decode import Decoded, DecodeFailure, EncodedJPEG, decode_file
 from ..images.preprocess import Preprocessing
 from ..provenance import Provenance, WeightsKind
@@ -112,6 +113,21 @@ class BatchEmbedder:
         return emb.cpu().numpy()
 
 
+def _check_same_model(recorded: Provenance, embedder: Embedder) -> None:
+    """Refuse to embed queries with other weights than the dataset's: a checkpoint
+    replaced at the same path (another sha256), a timm ``DEFAULT`` that now names another
+    pretrained tag, another layer or preprocessing. Raises :class:`MetadataMismatchError`
+    listing each difference."""
+    loaded = dataclasses.replace(embedder.provenance(), normalize=recorded.normalize)
+    found = recorded.differences(loaded, keys="space", names=("the embeddings", "loaded now"))
+    if found:
+        raise MetadataMismatchError(
+            "the query model is not the one that made these embeddings: " + "; ".join(found)
+            + ". Queries embedded with other weights would be compared with vectors from "
+            "another space; restore the recorded weights or re-extract and rebuild the index"
+        )
+
+
 class QueryEmbedder:
     """Embeds image files exactly as the dataset described by ``meta`` was made.
 
@@ -138,6 +154,7 @@ class QueryEmbedder:
             seed=weights.seed or 0,
             key_map=weights.key_map if weights.kind == WeightsKind.CHECKPOINT else None,
         )
+        _check_same_model(provenance, embedder)
         # the settings that shape the vectors; the device, batch and workers are this machine's
         config = ExtractConfig(
             source=".", out=".", backbone=provenance.backbone, precision=provenance.precision,

@@ -1,6 +1,6 @@
 """The extraction job's pieces that both engines share, on purpose in one place.
 
-Planning what is left to do (:func:`pending`), the provenance a run records, the typed
+Planning what is left to do (:func:`begin`), the provenance a run records, the typed
 rows passed between stages (:class:`Embedded`, :class:`Failed`), the last stage that
 writes them (:class:`JobWriter`: error rows, the embeddings table, the summary and the
 ``--max-errors`` limit), and the progress bar.
@@ -43,6 +43,7 @@ class ExtractSummary:
     skipped: int  # already embedded and unchanged, or already recorded as errors
     errors: int  # recorded by this run
     dropped: int  # rows of deleted or changed files removed
+    relabelled: int = 0  # rows whose label changed in the manifest, updated in place
     errors_by_type: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     runtime: dict = field(default_factory=dict)
@@ -54,10 +55,14 @@ class ExtractSummary:
 
     def line(self) -> str:
         """The one-line summary the CLI prints."""
-        errs = f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.errors_by_type.items()))})" if self.errors else ""
+        errs = ""
+        if self.errors:
+            kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_type.items()))
+            errs = f" ({kinds}; listed by `embedpipe info {self.out} --errors`)"
+        relabelled = f", {self.relabelled} relabelled" if self.relabelled else ""
         return (
             f"{self.embedded} embedded, {self.skipped} already done, {self.errors} errors{errs}, "
-            f"{self.dropped} dropped; {self.images_per_second:.1f} images/s -> {self.out}"
+            f"{self.dropped} dropped{relabelled}; {self.images_per_second:.1f} images/s -> {self.out}"
         )
 
 
@@ -108,20 +113,35 @@ def load_embedder(config: ExtractConfig) -> Embedder:
     return embedder
 
 
-def pending(writer: DatasetWriter, records: list[ImageRecord]) -> tuple[list[ImageRecord], int]:
-    """What a (re-)run still has to do: ``(records to embed, rows dropped)``.
+def begin(
+    writer: DatasetWriter, records: list[ImageRecord], out: str, runtime: dict
+) -> tuple[list[ImageRecord], ExtractSummary]:
+    """What a (re-)run still has to do, and its summary so far: ``(records to embed, summary)``.
 
-    Images already embedded or recorded as errors with the same size and mtime are
-    skipped; rows of changed or deleted files are dropped from the dataset, and changed
-    files embedded again.
+    A row is current while its file has the same size and mtime: rows of changed or
+    deleted files are dropped from the dataset (embeddings and error records alike), and
+    changed files embedded again. A row whose label alone changed (a manifest fixed) is
+    relabelled in place, without embedding the image again.
     """
     embedded, errored = writer.embedded(), writer.errored()
-    current = {r.id: (r.size, r.mtime_ns) for r in records}
-    stale = {i for i, st in embedded.items() if current.get(i) != st}
-    stale |= {i for i, st in errored.items() if current.get(i) != st}
+    current = {r.id: r for r in records}
+
+    def changed(i: str, stats: tuple[int, int]) -> bool:
+        r = current.get(i)
+        return r is None or (r.size, r.mtime_ns) != stats
+
+    stale = {i for i, st in embedded.items() if changed(i, st)}
+    stale |= {i for i, st in errored.items() if changed(i, st)}
     dropped = sum(writer.drop(stale))
+    labels = writer.labels()
+    relabel = {i: current[i].label for i in embedded if i not in stale and labels[i] != current[i].label}
+    relabelled = writer.relabel(relabel)
     todo = [r for r in records if (r.id not in embedded and r.id not in errored) or r.id in stale]
-    return todo, dropped
+    summary = ExtractSummary(
+        out=out, images=len(records), embedded=0, skipped=len(records) - len(todo), errors=0,
+        dropped=dropped, relabelled=relabelled, runtime=runtime,
+    )
+    return todo, summary
 
 
 @dataclass

@@ -50,9 +50,9 @@ from .job import (
     ExtractSummary,
     Failed,
     JobWriter,
+    begin,
     build_provenance,
     load_embedder,
-    pending,
     progress_bar,
 )
 from .plan import cpu_count, plan
@@ -376,12 +376,7 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
         with DatasetWriter(
             config.out, provenance.to_json(), overwrite=config.overwrite, part_rows=config.part_rows
         ) as writer:
-            todo, dropped = pending(writer, records)
-            summary = ExtractSummary(
-                out=str(config.out), images=len(records), embedded=0,
-                skipped=len(records) - len(todo), errors=0, dropped=dropped,
-                runtime=dict(provenance.runtime),
-            )
+            todo, summary = begin(writer, records, str(config.out), dict(provenance.runtime))
             job = JobWriter(writer, config, summary, len(todo))
             log.info("%s: %d images, %d to embed on Ray (%d CPUs, %d model actors)",
                      config.out, len(records), len(todo), plan.cluster_cpus, plan.concurrency)

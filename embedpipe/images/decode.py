@@ -62,12 +62,15 @@ class Decoded:
 @dataclass(frozen=True, slots=True)
 class EncodedJPEG:
     """A checked JPEG left for the device to decode (``DecodeMode.DEVICE``): the header
-    was read, the pixel cap applied; ``width``/``height`` as oriented."""
+    was read, the pixel cap applied; ``width``/``height`` as oriented. ``orientation`` is
+    the EXIF orientation tag (1-8, 1 = upright), read here on the host because nvJPEG
+    ignores it: the device applies it after decoding."""
 
     data: bytes
     width: int
     height: int
     content_hash: str
+    orientation: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,14 +174,18 @@ def load_image(
     return to_mode(img, mode), (width, height)
 
 
-def _device_decodable(data: bytes, max_pixels: int) -> tuple[int, int] | None:
-    """The oriented size of a baseline/progressive RGB or grayscale JPEG that the device
-    decoder handles; ``None`` for anything else (decoded by the worker instead)."""
+def _device_decodable(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
+    """(oriented width, oriented height, EXIF orientation) of a baseline/progressive RGB or
+    grayscale JPEG that the device decoder handles; ``None`` for anything else (decoded
+    by the worker instead)."""
     img = open_image(data, max_pixels=max_pixels)
     if img.format != "JPEG" or img.mode not in ("RGB", "L"):
         return None
     w, h = img.size
-    return (h, w) if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+    orientation = int(img.getexif().get(_ORIENTATION, 1))
+    if orientation not in range(1, 9):
+        orientation = 1  # a corrupt tag: shown upright, as Pillow's exif_transpose does
+    return (h, w, orientation) if orientation in (5, 6, 7, 8) else (w, h, orientation)
 
 
 def decode_file(
@@ -191,10 +198,11 @@ def decode_file(
     try:
         data = _read(path)
         if mode == DecodeMode.DEVICE and preprocessing.channels == 3:
-            size = _device_decodable(data, max_pixels)
-            if size is not None:
+            header = _device_decodable(data, max_pixels)
+            if header is not None:
+                width, height, orientation = header
                 digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-                return EncodedJPEG(data, *size, digest)
+                return EncodedJPEG(data, width, height, digest, orientation)
         img, (width, height) = load_image(
             data,
             mode=preprocessing.mode,
