@@ -8,14 +8,16 @@
     GET  /api/thumbnail?id=&size=            a JPEG thumbnail, cached on disk
     GET  /api/info              the index's metadata
     GET  /healthz, /metrics     liveness, Prometheus counters and latency histograms
+    GET  /openapi.json          the API's OpenAPI description
 
 The handlers call the Python API the CLI calls (:func:`embedpipe.index.search_images`
-and :meth:`Index.search_ids`), with one :class:`~embedpipe.engine.QueryEmbedder` loaded
+and :meth:`Index.search_ids`), with one :class:`~embedpipe.extraction.forward.QueryEmbedder` loaded
 at start-up. What a client sends is never a path: images are served by id, looked up
 in the index and resolved under ``images_root`` with the real path checked to stay
-inside it; uploads are size-capped and decoded by the extraction decoder (format
-allow-list, pixel cap). Search-effort parameters go to FAISS per call, so concurrent
-requests never see each other's settings.
+inside it; uploads are size-capped while they stream in and decoded by the extraction
+decoder (format allow-list, pixel cap). Requests naming another Host than the server's
+are refused (DNS rebinding). Search-effort parameters are bounded by what the index can
+use and go to FAISS per call, so concurrent requests never see each other's settings.
 
 FastAPI, uvicorn and prometheus_client are the optional extra ``embedpipe[serve]``;
 nothing else in the package imports this module.
@@ -23,26 +25,30 @@ nothing else in the package imports this module.
 
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from .errors import EmbedpipeError, IndexInputError, MissingDependencyError, QueryImagesError
 from .files import atomic_write_bytes
 from .images.decode import ErrorType
 from .images.thumbnails import thumbnail_jpeg
-from .index import Index, search_images
+from .index import Index, SearchKnob, search_images
 from .provenance import Provenance, WeightsInfo, WeightsKind
 
 try:
     import prometheus_client as prom
     from fastapi import FastAPI, HTTPException, Query, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.datastructures import Headers
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 except ImportError as e:  # pragma: no cover - exercised by test_serve's missing-extra test
     raise MissingDependencyError(
         f"embedpipe serve needs FastAPI, uvicorn and prometheus_client ({e}); install them "
@@ -60,6 +66,10 @@ CSP = ("default-src 'self'; img-src 'self' blob:; style-src 'self' 'unsafe-inlin
 #: cache holds at most six files per image however many sizes clients ask for
 THUMBNAIL_SIZES = (32, 64, 128, 256, 512, 1024)
 MAX_ID_LENGTH = 4096
+#: room for the multipart framing around an upload: boundary, part headers, file name
+BODY_OVERHEAD = 16 * 1024
+#: Host names always served (the bound address and --allowed-host are added)
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 #: decode failures of an upload -> HTTP status (everything else is 400)
 _UPLOAD_STATUS = {
@@ -78,6 +88,8 @@ class ServeConfig:
     max_upload_bytes: int = 20 * 2**20
     max_pixels: int = 40_000_000
     cache_dir: Path | None = None  # None: <index>/.thumbnails
+    allowed_hosts: tuple[str, ...] = ()  # Host names served besides LOCAL_HOSTS
+    max_effort: int | None = None  # None: what the index can use (nlist, EF_SEARCH_MAX)
 
     def to_json(self) -> str:
         return json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()})
@@ -88,7 +100,7 @@ class ServeConfig:
         for key in ("index", "images", "cache_dir"):
             if d[key] is not None:
                 d[key] = Path(d[key])
-        return cls(**d)
+        return cls(**{**d, "allowed_hosts": tuple(d["allowed_hosts"])})
 
 
 @dataclass
@@ -137,6 +149,111 @@ class ImageResolver:
         return real
 
 
+class RequestGuard:
+    """Refuses, in pure ASGI before any handler runs, what must never reach one.
+
+    - A Host header not on the allow-list (400): a page on another site that rebinds its
+      own name to this server's address (DNS rebinding) still sends its own name as Host.
+    - A body over ``max_upload + BODY_OVERHEAD`` bytes (413): at once when Content-Length
+      declares it, otherwise counted as it streams in and aborted past the cap, so that
+      Starlette's multipart parser, which spools files to disk without a limit, never
+      stores more than that (a Content-Length that lies is counted the same way).
+    """
+
+    def __init__(self, app: ASGIApp, *, hosts: Iterable[str], max_upload: int) -> None:
+        self.app = app
+        self.hosts = frozenset(hosts)
+        self.max_body = max_upload + BODY_OVERHEAD
+        self.too_large = _too_large(max_upload)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        host = _host_name(headers.get("host", ""))
+        if host not in self.hosts:
+            detail = (f"this server does not answer to Host {host!r}; if that is its name, "
+                      "start it with --allowed-host " + (host or "NAME"))
+            await JSONResponse({"detail": detail}, status_code=400)(scope, receive, send)
+            return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            await JSONResponse({"detail": self.too_large}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                # raised into whoever reads the body (FastAPI's form parsing re-raises
+                # HTTPExceptions): the request ends with this 413, the rest is never read
+                raise HTTPException(413, self.too_large)
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
+def _host_name(header: str) -> str:
+    """A Host header without its port, lower-cased: ``[::1]:8000`` -> ``[::1]``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header.partition("]")[0] + "]"
+    return header.partition(":")[0]
+
+
+def _allowed_host(name: str) -> str:
+    """A name to serve as ``_host_name`` writes it: IPv6 addresses in brackets."""
+    bare = name.strip().lower().removeprefix("[").removesuffix("]")
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        if not bare or any(c in bare for c in ":/@ "):
+            raise IndexInputError(
+                f"--allowed-host {name!r} is not a host name or address; give one like "
+                "search.example.org or 192.168.1.5, without scheme, port or path"
+            ) from None
+        return bare
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def _too_large(limit: int) -> str:
+    return (f"uploads are limited to {limit / 2**20:.3g} MiB; send a smaller image, or start "
+            "the server with a larger --max-upload-mb")
+
+
+class _EffortBound(NamedTuple):
+    """The search-effort parameter of an index, the largest value a request may ask
+    for, and what sets that bound."""
+
+    knob: SearchKnob
+    limit: int
+    reason: str
+
+
+def _effort_bound(index: Index, max_effort: int | None) -> _EffortBound | None:
+    """What bounds a request's nprobe (the IVF index's nlist: more lists than it has
+    cannot be probed) or efSearch (the tuning ceiling), lowered by ``max_effort``; None
+    for an index without a search-time parameter."""
+    found = index.search_limit
+    if found is None:
+        return None
+    knob, ceiling = found
+    if max_effort is None or max_effort >= ceiling:
+        if knob is SearchKnob.NPROBE:
+            return _EffortBound(knob, ceiling, f"the {ceiling} inverted lists (nlist) of this index")
+        return _EffortBound(knob, ceiling, "the efSearch ceiling of tuning (EF_SEARCH_MAX)")
+    tuned = index.info.tuning.value if index.info.tuning else None
+    if tuned is not None and tuned > max_effort:
+        raise IndexInputError(
+            f"--max-effort {max_effort} is below the index's tuned default {knob}={tuned}, "
+            f"which requests without {knob} use; pass --max-effort {tuned} or more"
+        )
+    return _EffortBound(knob, max_effort, "the server's --max-effort")
+
+
 def create_app(config: ServeConfig) -> FastAPI:
     """The ASGI app serving ``config.index``. Loads the index and the query model once."""
     from .extraction.forward import QueryEmbedder
@@ -154,7 +271,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     cache.mkdir(parents=True, exist_ok=True)
     if not os.access(cache, os.W_OK):  # found now, not as a 500 on the first thumbnail
         raise IndexInputError(f"the thumbnail cache {cache} is not writable; pass --cache-dir")
-    knob = index.info.tuning.knob if index.info.tuning else None
+    bound = _effort_bound(index, config.max_effort)
+    hosts = {*LOCAL_HOSTS, *map(_allowed_host, config.allowed_hosts)}
     metrics = _Metrics()
     info = {  # no server paths: clients learn what is searchable, not where it lives
         "count": index.info.count,
@@ -162,8 +280,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         "metric": str(index.info.metric),
         "factory": index.info.factory,
         "kind": index.info.kind,
-        "search_parameter": str(knob) if knob else None,
+        "search_parameter": str(bound.knob) if bound else None,
         "search_parameter_default": index.info.tuning.value if index.info.tuning else None,
+        "search_parameter_max": bound.limit if bound else None,
         "max_k": config.max_k,
         "can_search_images": embedder is not None,
         "backbone": provenance.backbone,
@@ -172,7 +291,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         "labels": sorted({str(x) for x in index.labels if x is not None}),
     }
 
-    app = FastAPI(title="embedpipe search", version="1", docs_url="/api/docs", redoc_url=None)
+    # no Swagger UI: its assets come from a CDN, which the CSP rightly blocks; /openapi.json stays
+    app = FastAPI(title="embedpipe search", version="1", docs_url=None, redoc_url=None)
+    # added before `observe`, so inside it: refusals are logged, counted and get its headers
+    app.add_middleware(RequestGuard, hosts=hosts, max_upload=config.max_upload_bytes)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -201,7 +323,14 @@ def create_app(config: ServeConfig) -> FastAPI:
     Effort = Annotated[int | None, Query(ge=1, le=1_000_000)]
 
     def effort(nprobe: int | None, ef_search: int | None) -> dict:
-        return {"nprobe": nprobe, "ef_search": ef_search}
+        params = {"nprobe": nprobe, "ef_search": ef_search}
+        asked = params[bound.knob] if bound else None
+        if asked is not None and asked > bound.limit:  # not clamped: params echo what was searched
+            raise HTTPException(
+                422, f"{bound.knob}={asked} is more than this index can use: at most "
+                     f"{bound.limit}, {bound.reason}; ask for 1 to {bound.limit}",
+            )
+        return params
 
     def answer(results, query_id: str, k: int, params: dict) -> dict:
         frame = results.to_frame()
@@ -304,7 +433,7 @@ def _save_capped(upload: UploadFile, path: Path, limit: int) -> None:
         while chunk := upload.file.read(1 << 20):
             size += len(chunk)
             if size > limit:
-                raise HTTPException(413, f"uploads are limited to {limit // 2**20} MiB")
+                raise HTTPException(413, _too_large(limit))
             f.write(chunk)
     if size == 0:
         raise HTTPException(400, "the upload is empty")
@@ -337,14 +466,21 @@ def app_from_environment() -> FastAPI:
 
 
 def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-        log_level: str = "info") -> None:
-    """Serve until interrupted. Several workers each load the index and the model."""
+        log_level: str = "info", announce: Callable[[str], None] | None = None) -> None:
+    """Serve until interrupted. Several workers each load the index and the model. The
+    bound ``host`` is one of the Host names served. ``announce`` hears the address once
+    the app has loaded (an index or image folder that cannot be served fails before)."""
     import uvicorn
 
     log_access_to_stderr()
+    config = replace(config, allowed_hosts=(*config.allowed_hosts, host))
+    app = create_app(config)  # with several workers too: refuse here, not in each worker
+    if announce is not None:
+        announce(f"serving {config.index} on http://{host}:{port}/")
     if workers == 1:
-        uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
         return
+    del app
     os.environ["EMBEDPIPE_SERVE_CONFIG"] = config.to_json()
     uvicorn.run("embedpipe.serve:app_from_environment", factory=True, host=host, port=port,
                 workers=workers, log_level=log_level, access_log=False)

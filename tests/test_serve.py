@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_image
+from conftest import make_image, require
 from PIL import Image
 
-pytest.importorskip("fastapi")
+
+require("fastapi", "the search service: pip install -e '.[serve]'")
 from fastapi.testclient import TestClient
 
 from embedpipe.cli import main
 from embedpipe.config import ExtractConfig
 from embedpipe.extraction import extract
 from embedpipe.index import Index, embedding_blocks
-from embedpipe.serve import ServeConfig, create_app
+from embedpipe.serve import BODY_OVERHEAD, ServeConfig, create_app
+
+#: TestClient sends ``Host: testserver``; a name the operator added, like --allowed-host
+HOSTS = ("testserver", "Search.Example.org")
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +49,13 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(served):
-    app = create_app(ServeConfig(index=served / "idx", cache_dir=served / "thumbs", max_k=20,
-                                 max_upload_bytes=200_000, max_pixels=1_000_000))
+def app(served):
+    return create_app(ServeConfig(index=served / "idx", cache_dir=served / "thumbs", max_k=20,
+                                  max_upload_bytes=200_000, max_pixels=1_000_000, allowed_hosts=HOSTS))
+
+
+@pytest.fixture(scope="module")
+def client(app):
     with TestClient(app) as c:
         yield c
 
@@ -120,17 +130,31 @@ def test_the_page_is_self_contained(client):
     assert r.headers["x-content-type-options"] == "nosniff"
 
 
-@pytest.mark.parametrize("image_id", [
-    "../emb/_embedpipe.json", "cats/../../emb/_embedpipe.json", "/etc/passwd", "..%2F..%2Fetc%2Fpasswd",
-    "%2e%2e/%2e%2e/etc/passwd", "cats/000.jpg\x00.png", "C:\\Windows\\win.ini", "cats", "", "x" * 5000,
+TRAVERSAL = (400, "ids are relative paths inside the image folder, without '..'")
+MALFORMED = (400, "an id is 1 to 4096 characters without NUL")
+UNKNOWN = (404, "the index holds no id")
+
+
+@pytest.mark.parametrize(("image_id", "refusal", "by_hand"), [
+    # (id, its refusal when the client encodes it, when it is pasted into the URL as is)
+    ("../emb/_embedpipe.json", TRAVERSAL, TRAVERSAL),
+    ("cats/../../emb/_embedpipe.json", TRAVERSAL, TRAVERSAL),
+    ("/etc/passwd", TRAVERSAL, TRAVERSAL),
+    ("C:\\Windows\\win.ini", TRAVERSAL, TRAVERSAL),
+    # encoded once more by the client these are odd names, not traversal; by hand they decode to it
+    ("..%2F..%2Fetc%2Fpasswd", UNKNOWN, TRAVERSAL),
+    ("%2e%2e/%2e%2e/etc/passwd", UNKNOWN, TRAVERSAL),
+    ("cats/000.jpg\x00.png", MALFORMED, MALFORMED),
+    ("", MALFORMED, MALFORMED),
+    ("x" * 5000, MALFORMED, MALFORMED),
+    ("cats", UNKNOWN, UNKNOWN),  # a folder, not an image
 ])
-def test_path_traversal_and_unknown_ids_are_refused(client, image_id):
+def test_path_traversal_and_unknown_ids_are_refused(client, image_id, refusal, by_hand):
     for route in ("/api/thumbnail", "/api/search"):
         r = client.get(route, params={"id": image_id})
-        assert 400 <= r.status_code < 500, (route, image_id, r.status_code)
-    # the same, URL-encoded by hand rather than by the client
+        assert (r.status_code, r.json()["detail"][:len(refusal[1])]) == refusal, (route, image_id)
     r = client.get("/api/thumbnail?id=" + image_id.replace("/", "%2F").replace("\x00", "%00"))
-    assert 400 <= r.status_code < 500
+    assert (r.status_code, r.json()["detail"][:len(by_hand[1])]) == by_hand, image_id
 
 
 def test_a_symlink_escaping_the_image_folder_is_refused(served, tmp_path):
@@ -144,7 +168,8 @@ def test_a_symlink_escaping_the_image_folder_is_refused(served, tmp_path):
     (images / "cats" / "001.jpg").symlink_to(secret)  # out of the folder
     (images / "cats" / "003.jpg").unlink()
     (images / "cats" / "003.jpg").symlink_to("002.jpg")  # within it
-    app = create_app(ServeConfig(index=served / "idx", images=images, cache_dir=tmp_path / "thumbs"))
+    app = create_app(ServeConfig(index=served / "idx", images=images, cache_dir=tmp_path / "thumbs",
+                                 allowed_hosts=HOSTS))
     with TestClient(app) as c:
         assert c.get("/api/thumbnail", params={"id": "cats/001.jpg"}).status_code == 403
         assert c.get("/api/thumbnail", params={"id": "cats/003.jpg"}).status_code == 200
@@ -169,7 +194,7 @@ def test_bad_uploads_are_4xx_with_a_message(client, tmp_path):
         "text": (b"not an image at all", 415),
         "empty": (b"", 400),
         "bomb": (bomb.getvalue(), 413),
-        "huge": (b"\xff" * 300_000, 413),  # over the 200 kB upload cap
+        "over the cap": (b"\xff" * 200_001, 413),  # refused by the handler, within the body's slack
         "truncated": (make_image(tmp_path / "t.jpg", size=(200, 150)).read_bytes()[:500], 400),
     }
     for name, (data, status) in cases.items():
@@ -179,22 +204,157 @@ def test_bad_uploads_are_4xx_with_a_message(client, tmp_path):
     assert client.post("/api/search").status_code == 422  # no file at all
 
 
+@pytest.fixture
+def spooled(monkeypatch):
+    """The sizes Starlette's multipart parser grew its upload files to (in memory, or on
+    disk past its spool size), recorded after every write."""
+    import starlette.formparsers
+
+    sizes = []
+
+    class Recorded(starlette.formparsers.SpooledTemporaryFile):
+        def write(self, data):
+            written = super().write(data)
+            sizes.append(self.tell())
+            return written
+
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", Recorded)
+    return sizes
+
+
+def _post_streamed(app, chunks: int, headers: dict) -> tuple[int, str, int]:
+    """POST a multipart upload of ``chunks`` x 64 KiB, streamed one chunk per ASGI message;
+    returns the status, the detail and how many bytes the app pulled from the stream."""
+    import httpx
+
+    boundary = "b0undary"
+    pulled = 0
+
+    async def body():
+        nonlocal pulled
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"'
+                "\r\nContent-Type: image/jpeg\r\n\r\n").encode()
+        for part in (head, *[b"\xff" * 2**16] * chunks, f"\r\n--{boundary}--\r\n".encode()):
+            pulled += len(part)
+            yield part
+
+    async def post():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            return await c.post("/api/search", content=body(), headers={
+                "content-type": f"multipart/form-data; boundary={boundary}", **headers})
+
+    r = asyncio.run(post())
+    return r.status_code, r.json()["detail"], pulled
+
+
+@pytest.mark.parametrize("headers", [
+    {},  # chunked: no Content-Length, the bytes are counted
+    {"content-length": "1000"},  # a Content-Length that lies: counted all the same
+], ids=["chunked", "lying-length"])
+def test_an_upload_over_the_cap_is_refused_before_it_is_stored(app, spooled, headers):
+    cap = 200_000  # the app's max_upload_bytes; the body is sent 64 KiB at a time, 4 MiB in all
+    status, detail, pulled = _post_streamed(app, chunks=64, headers=headers)
+    assert status == 413 and detail.startswith("uploads are limited to 0.191 MiB"), detail
+    assert pulled <= cap + BODY_OVERHEAD + 2**16  # the stream was abandoned at the cap...
+    assert 0 < max(spooled) <= cap + BODY_OVERHEAD  # ...and the parser never stored more
+
+
+def test_a_declared_oversized_body_is_refused_unread(app, spooled):
+    status, detail, pulled = _post_streamed(app, chunks=64, headers={"content-length": str(10 * 2**30)})
+    assert status == 413 and "--max-upload-mb" in detail
+    assert pulled == 0 and spooled == []
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "localhost.evil.example", "", "127.0.0.2"])
+def test_other_hosts_are_refused(client, host):
+    """DNS rebinding: a page on evil.example whose name now resolves to this server still
+    sends its own Host, and gets nothing."""
+    r = client.get("/api/info", headers={"host": host})
+    assert r.status_code == 400, host
+    assert r.json()["detail"].startswith(f"this server does not answer to Host {host.split(':')[0]!r}")
+    assert "--allowed-host" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("host", [
+    "localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST",
+    "testserver", "search.example.org", "search.example.org:443",  # added by allowed_hosts
+])
+def test_local_and_allowed_hosts_are_served(client, host):
+    assert client.get("/api/info", headers={"host": host}).status_code == 200, host
+
+
+def test_cli_serves_the_bound_host_and_allowed_hosts(served, monkeypatch):
+    """--host and --allowed-host reach the app uvicorn is given; other names are refused."""
+    import uvicorn
+
+    import embedpipe.serve
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(embedpipe.serve, "log_access_to_stderr", lambda: None)
+    r = CliRunner().invoke(main, ["serve", str(served / "idx"), "--host", "10.1.2.3", "--cache-dir",
+                                  str(served / "thumbs"), "--allowed-host", "photos.lan",
+                                  "--allowed-host", "fd00::7"])
+    assert r.exit_code == 0, r.output
+    with TestClient(apps[0]) as c:
+        for host, status in [("10.1.2.3:8000", 200), ("photos.lan", 200), ("[fd00::7]:80", 200),
+                             ("localhost", 200), ("testserver", 400)]:
+            assert c.get("/healthz", headers={"host": host}).status_code == status, host
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("Photos.Example.ORG", "photos.example.org"), ("10.0.0.5", "10.0.0.5"), ("::1", "[::1]"),
+    ("[FD00::7]", "[fd00::7]"), ("0.0.0.0", "0.0.0.0"),
+    ("http://photos.lan", None), ("photos.lan:8000", None), ("photos.lan/x", None), ("", None),
+])
+def test_allowed_host_names(name, expected):
+    from embedpipe.errors import IndexInputError
+    from embedpipe.serve import _allowed_host
+
+    if expected is None:
+        with pytest.raises(IndexInputError, match="without scheme, port or path"):
+            _allowed_host(name)
+    else:
+        assert _allowed_host(name) == expected
+
+
+def test_openapi_is_served_and_the_blank_swagger_page_is_gone(client):
+    assert client.get("/api/docs").status_code == 404
+    assert client.get("/redoc").status_code == 404
+    schema = client.get("/openapi.json").json()
+    assert {"/api/search", "/api/thumbnail", "/api/info"} <= set(schema["paths"])
+
+
 def test_wrong_methods_are_405(client):
     assert client.put("/api/search", params={"id": "cats/000.jpg"}).status_code == 405
     assert client.delete("/api/thumbnail", params={"id": "cats/000.jpg"}).status_code == 405
     assert client.post("/api/info").status_code == 405
 
 
-def test_concurrent_searches_get_the_effort_each_asked_for(tmp_path):
+@pytest.fixture(scope="module")
+def vector_indexes(tmp_path_factory):
+    """An IVF64 index over 4000 clustered vectors and an HNSW index over 500 of them (ids
+    "0", "1", ...; no images), and an empty image folder to serve them with."""
+    root = tmp_path_factory.mktemp("vectors")
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(32, 24)).astype(np.float32)
     x = centers[rng.integers(0, 32, 4000)] + 0.7 * rng.normal(size=(4000, 24)).astype(np.float32)
-    index = Index.build(x, metric="l2", index="IVF64,Flat")
-    index.save(tmp_path / "idx")
-    (tmp_path / "images").mkdir()
-    app = create_app(ServeConfig(index=tmp_path / "idx", images=tmp_path / "images"))
+    Index.build(x, metric="l2", index="IVF64,Flat").save(root / "ivf")
+    Index.build(x[:500], metric="l2", index="hnsw").save(root / "hnsw")
+    (root / "images").mkdir()
+    return root
+
+
+def _vector_app(root: Path, name: str, **config) -> TestClient:
+    return TestClient(create_app(ServeConfig(index=root / name, images=root / "images",
+                                             allowed_hosts=HOSTS, **config)))
+
+
+def test_concurrent_searches_get_the_effort_each_asked_for(vector_indexes):
+    index = Index.open(vector_indexes / "ivf")
     queries = [str(i) for i in range(0, 4000, 97)]
-    with TestClient(app) as c:
+    with _vector_app(vector_indexes, "ivf") as c:
         def ask(q, nprobe, k):
             r = c.get("/api/search", params={"id": q, "k": k, "nprobe": nprobe})
             assert r.status_code == 200, r.text
@@ -210,6 +370,81 @@ def test_concurrent_searches_get_the_effort_each_asked_for(tmp_path):
     assert any(a != b[:5] for a, b in zip(answers[0::2], answers[1::2]))
 
 
+@pytest.mark.parametrize(("name", "knob", "bound", "reason"), [
+    ("ivf", "nprobe", 64, "the 64 inverted lists (nlist) of this index"),
+    ("hnsw", "ef_search", 4096, "the efSearch ceiling of tuning (EF_SEARCH_MAX)"),
+])
+def test_search_effort_is_bounded_by_what_the_index_can_use(vector_indexes, name, knob, bound, reason):
+    with _vector_app(vector_indexes, name) as c:
+        assert c.get("/api/info").json()["search_parameter_max"] == bound
+        ok = c.get("/api/search", params={"id": "7", knob: bound})
+        assert ok.status_code == 200 and ok.json()["params"] == {knob: bound}
+        r = c.get("/api/search", params={"id": "7", knob: bound + 1})
+        assert r.status_code == 422  # refused, not silently clamped
+        assert r.json()["detail"] == (f"{knob}={bound + 1} is more than this index can use: at most "
+                                      f"{bound}, {reason}; ask for 1 to {bound}")
+
+
+def test_max_effort_lowers_the_bound_but_not_below_the_tuned_default(vector_indexes):
+    from embedpipe.errors import IndexInputError
+
+    tuned = Index.open(vector_indexes / "ivf").info.tuning.value
+    with _vector_app(vector_indexes, "ivf", max_effort=tuned) as c:
+        assert c.get("/api/search", params={"id": "7"}).status_code == 200  # the default fits
+        assert c.get("/api/search", params={"id": "7", "nprobe": tuned}).status_code == 200
+        r = c.get("/api/search", params={"id": "7", "nprobe": tuned + 1})
+        assert r.status_code == 422 and f"at most {tuned}, the server's --max-effort" in r.json()["detail"]
+    assert tuned > 1  # else no --max-effort is below it
+    with pytest.raises(IndexInputError, match=f"pass --max-effort {tuned} or more"):
+        create_app(ServeConfig(index=vector_indexes / "ivf", images=vector_indexes / "images",
+                               max_effort=tuned - 1))
+
+
+SLOWEST_ANSWER_S = 5.0
+
+
+def test_the_api_survives_fuzzing_from_its_own_schema(app):
+    """Requests generated from /openapi.json (schemathesis: valid and invalid values of
+    every parameter, random upload bytes, random and real ids) never get a 5xx nor take
+    longer than SLOWEST_ANSWER_S. Bounded and derandomised: the same cases every run."""
+    schemathesis = require("schemathesis", "the API fuzz test")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    ids = ["cats/000.jpg", "dogs/005.jpg"]
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert sorted(op.label for op in operations) == [
+        "GET /api/info", "GET /api/search", "GET /api/thumbnail", "GET /healthz", "POST /api/search"]
+    strategies = []
+    for operation in operations:
+        takes_input = bool(list(operation.query) or list(operation.body))  # else no invalid input exists
+        for mode in schemathesis.GenerationMode if takes_input else [schemathesis.GenerationMode.POSITIVE]:
+            strategies.append(operation.as_strategy(mode))
+            if any(p.name == "id" for p in operation.query):  # real ids, or only refusals are seen
+                strategies.append(st.sampled_from(ids).flatmap(
+                    lambda i, op=operation, m=mode: op.as_strategy(m, query={"id": i})))
+
+    seen = []
+
+    @settings(max_examples=12, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def fuzz(strategy, data):
+        case = data.draw(strategy)
+        started = time.perf_counter()
+        response = case.call()
+        seconds = time.perf_counter() - started
+        seen.append((case.operation.label, response.status_code))
+        assert response.status_code < 500, case.as_curl_command()
+        assert seconds < SLOWEST_ANSWER_S, (seconds, case.as_curl_command())
+
+    for strategy in strategies:
+        fuzz(strategy)
+    statuses = {status for _, status in seen}
+    assert {200, 400, 404, 415, 422} <= statuses, sorted(statuses)  # the fuzz reached each kind of answer
+
+
 def test_the_core_never_imports_the_web_stack():
     code = ("import sys, embedpipe.extraction.forward, embedpipe.index, embedpipe.pipeline, embedpipe.cli; "
             "bad = {'fastapi', 'uvicorn', 'starlette'} & set(sys.modules); assert not bad, bad")
@@ -221,6 +456,12 @@ def test_missing_extra_says_how_to_install_it():
             "try:\n    import embedpipe.serve\nexcept ImportError as e:\n    print(e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert 'pip install "embedpipe[serve]"' in r.stdout
+
+
+def test_serve_refuses_before_it_says_it_is_serving(served):
+    r = CliRunner().invoke(main, ["serve", str(served / "emb")])
+    assert r.exit_code == 1 and "is an embeddings dataset, not an index" in r.output
+    assert "serving" not in r.output
 
 
 def test_cli_serve_defaults_to_loopback():
@@ -259,8 +500,6 @@ def photo_index(tmp_path_factory):
 @pytest.fixture(scope="module")
 def live_server(photo_index):
     """The app under uvicorn on a free loopback port, in a thread of this process."""
-    import time
-
     import uvicorn
 
     app = create_app(ServeConfig(index=photo_index / "idx", cache_dir=photo_index / "thumbs"))
@@ -301,7 +540,7 @@ def _thumbnails_loaded(page) -> None:
 
 @pytest.mark.slow
 def test_the_page_in_a_real_browser(live_server, photo_index, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = require("playwright.sync_api", "the browser test")
     chromium = _chromium()
     # these machines have no network: keep Chromium from trying (see the env notes)
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -367,7 +606,6 @@ def test_the_page_in_a_real_browser(live_server, photo_index, tmp_path):
 @pytest.mark.slow
 def test_cli_serves_with_several_workers(served):
     import socket
-    import time
 
     import httpx
 

@@ -287,6 +287,7 @@ class Index:
         self._lookup = pd.Index(ids)
         knob = search_knob(faiss_index)
         self._knob = None if knob is None else knob[0]
+        self._knob_limit = None if knob is None else knob[1]
         self.info = info
 
     def __len__(self) -> int:
@@ -306,6 +307,19 @@ class Index:
         view = self._labels.view()
         view.flags.writeable = False
         return view
+
+    @property
+    def search_limit(self) -> tuple[SearchKnob, int] | None:
+        """The search-time parameter and the largest value that still changes anything
+        (an IVF index's nlist; the efSearch ceiling of tuning), or None for exact search."""
+        return None if self._knob is None else (self._knob, self._knob_limit)
+
+    def label_of(self, id_: str) -> str | None:
+        """The label of the row ``id_`` (None when unlabelled); unknown ids raise
+        :class:`UnknownIdError`."""
+        if id_ not in self:
+            raise UnknownIdError(f"the index holds no id {id_!r}")
+        return self._labels[self._lookup.get_loc(id_)]
 
     def __repr__(self) -> str:
         info = self.info
@@ -718,6 +732,11 @@ def read_info(path: str | os.PathLike[str]) -> IndexInfo:
     path = Path(path)
     meta_path = path / META_FILE
     if not meta_path.is_file():
+        if any(path.glob("part-*.parquet")) or (path / "_embedpipe.json").is_file():
+            raise IndexFileError(
+                f"{path} is an embeddings dataset, not an index: build an index from it with "
+                f"`embedpipe index build {path} --out {path.with_name(path.name + '-index')}`"
+            )
         raise IndexFileError(
             f"{path} is not an embedpipe index: {META_FILE} is missing; "
             f"build one with `embedpipe index build EMBEDDINGS --out {path}`"
@@ -739,7 +758,8 @@ def check_destination(path: str | os.PathLike[str], *, overwrite: bool) -> None:
         return
     if not overwrite:
         raise IndexFileError(
-            f"{path} already exists; pass overwrite=True (--overwrite) to replace it"
+            f"{path} already exists; replace it with overwrite=True (on the command line "
+            "--overwrite), or write elsewhere"
         )
     if not (path / META_FILE).is_file() and (not path.is_dir() or any(path.iterdir())):
         raise IndexFileError(
