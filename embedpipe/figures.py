@@ -18,6 +18,20 @@ from matplotlib.figure import Figure
 #: dots per inch of every PNG: sizes in inches times DPI are pixels
 DPI = 100
 
+#: the look of every HTML page embedpipe writes (reports, galleries): one column at most
+#: 1200 px wide, figures scaled down to fit it
+PAGE_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222;
+       line-height: 1.45; padding: 0 1rem; }
+table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; }
+th { background: #f3f3f3; }
+.warning { background: #fff4e5; border-left: 4px solid #e8590c; padding: 0.6rem 1rem; }
+figure { margin: 1.5rem 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-style: italic; color: #555; }
+"""
+
 
 def png(fig: Figure, *, dpi: int = DPI) -> bytes:
     """``fig`` rendered as PNG bytes (no software tag, so equal figures give equal bytes)."""

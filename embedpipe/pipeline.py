@@ -269,7 +269,7 @@ class _Runner:
         w = str(step.options.get("weights", "DEFAULT"))
         if w.startswith("step:"):
             return str(self.p.step_dir(w.removeprefix("step:")) / "checkpoint.pt")
-        if w == "available":
+        if w.lower() == "available":
             return next(iter(available_weights(get_spec(step.options["backbone"]))), "none")
         return w
 
@@ -331,7 +331,7 @@ class _Runner:
         provenance = Provenance.from_json(idx.meta)
         galleries = query_galleries(
             results, {q: images / q for q in queries}, images, provenance=provenance, k=k,
-            score_name=str(idx.info.metric),
+            score_name=str(idx.info.metric), query_labels={q: idx.label_of(q) for q in queries},
         ) if queries else []
         for g in galleries:
             atomic_write_bytes(g.png, out / Path(g.query_id.replace("/", "_")).with_suffix(".png").name)
@@ -370,7 +370,7 @@ def run_pipeline(
     for step in pipeline.steps:
         out = pipeline.step_dir(step.name)
         config = {"kind": step.kind, "options": step.options}
-        if step.options.get("weights") == "available":
+        if str(step.options.get("weights", "")).lower() == "available":
             # what "available" means changes when weights reach the cache: part of the key
             config["weights_resolved"] = runner.weights(step)
         if dry_run and any(n in changed for n in step.needs):

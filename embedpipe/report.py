@@ -30,9 +30,11 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from .errors import ReportError
+from .figures import PAGE_CSS
 from .figures import png as figure_png
 from .files import atomic_write_bytes
 from .probe import RESULTS_SCHEMA, ProbeResults
+from .provenance import WeightsInfo
 
 logger = logging.getLogger(__name__)
 
@@ -133,11 +135,25 @@ def _pretrained(provenance: Mapping[str, Any]) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
-def _weights_text(provenance: Mapping[str, Any]) -> str:
+def _weights_name(provenance: Mapping[str, Any]) -> str:
+    """A name that fits a cell: a checkpoint's file name and sha256 prefix (the full path
+    stays in results.json), a torchvision enum without its class."""
     weights = provenance.get("weights")
-    name = weights.get("name") if isinstance(weights, Mapping) else None
+    if not isinstance(weights, Mapping):
+        return "unknown"
+    if "kind" in weights:
+        return WeightsInfo.from_dict(weights).short_name()
+    return str(weights.get("name") or "unknown")
+
+
+def _weights_text(provenance: Mapping[str, Any]) -> str:
     status = {True: "pretrained", False: "NOT PRETRAINED", None: "pretraining not recorded"}
-    return f"{name or 'unknown'} ({status[_pretrained(provenance)]})"
+    return f"{_weights_name(provenance)} ({status[_pretrained(provenance)]})"
+
+
+def _top5_measured(doc: Mapping[str, Any]) -> bool:
+    """Top-5 accuracy says something only with more than five classes."""
+    return len(doc["split"]["classes"]) > 5
 
 
 def _display_name(name: str, provenance: Mapping[str, Any]) -> str:
@@ -309,10 +325,18 @@ def _projection_figure(doc: Mapping[str, Any]) -> bytes:
         projection = entry["projection"]
         points = np.asarray(projection["points"], dtype=np.float64).reshape(-1, 2)
         labels = np.asarray(projection["labels"], dtype=np.int64)
+        (lo, hi), outside = robust_limits(points)
+        shown = np.clip(points, lo, hi)
+        if outside.any():  # outliers sit on the frame's edge, marked, instead of squashing the rest
+            ax.scatter(shown[outside, 0], shown[outside, 1], marker="x", s=18, c="0.3", linewidths=0.8,
+                       label=f"{int(outside.sum())} outside, shown at the edge")
+            ax.legend(loc="lower right", fontsize=7, frameon=False)
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
         ax.scatter(
-            points[:, 0],
-            points[:, 1],
-            c=labels,
+            shown[~outside, 0],
+            shown[~outside, 1],
+            c=labels[~outside],
             cmap=cmap,
             vmin=-0.5,
             vmax=len(classes) - 0.5,
@@ -334,6 +358,17 @@ def _projection_figure(doc: Mapping[str, Any]) -> bytes:
         fig.legend(handles=handles, title="label", loc="outside right center", fontsize=8)
     fig.suptitle("PCA projection, coloured by label", fontsize=11)
     return _png(fig)
+
+
+def robust_limits(points: np.ndarray, *, percentile: float = 1.0, pad: float = 0.08):
+    """Axis limits ``((x_lo, y_lo), (x_hi, y_hi))`` spanning the 1st-99th percentile of
+    ``points`` (n, 2) plus a margin, and the (n,) bool mask of points outside them: one
+    stray point no longer squashes a scatter into a stripe."""
+    lo, hi = np.percentile(points, [percentile, 100 - percentile], axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    lo, hi = lo - pad * span, hi + pad * span
+    outside = ((points < lo) | (points > hi)).any(axis=1)
+    return (lo, hi), outside
 
 
 # --- the document as blocks ----------------------------------------------------------
@@ -409,6 +444,7 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
         )
 
     blocks.append(_Heading(2, "Comparison"))
+    top5 = _top5_measured(doc)
     headers = (
         "#",
         "Embeddings",
@@ -417,7 +453,7 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
         "Dim",
         "Weights",
         f"Linear top-1 [{level:.0f}% CI]",
-        "Top-5",
+        *(("Top-5",) if top5 else ()),
         "Mean per-class",
         "Macro-F1",
         "C",
@@ -437,7 +473,7 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
                 str(p.get("dim")),
                 _weights_text(p),
                 f"{_pct(m['linear.top1'])} [{_ci(m)}]",
-                _pct(m["linear.top5"]),
+                *((_pct(m["linear.top5"]),) if top5 else ()),
                 _pct(m["linear.mean_per_class"]),
                 _pct(m["linear.macro_f1"]),
                 f"{m['linear.C']:.3g}",
@@ -473,13 +509,13 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
             f"k-NN probe (cosine, votes weighted exp(similarity / {config['knn_temperature']:g}))",
         ),
         _Table(
-            ("Embeddings", *(f"k={k} top-1 / top-5" for k in ks)),
+            ("Embeddings", *(f"k={k} top-1" + (" / top-5" if top5 else "") for k in ks)),
             tuple(
                 (
                     name,
                     *(
-                        f"{_pct(datasets[name]['metrics'][f'knn.k{k}.top1'])} / "
-                        f"{_pct(datasets[name]['metrics'][f'knn.k{k}.top5'])}"
+                        _pct(datasets[name]["metrics"][f"knn.k{k}.top1"])
+                        + (f" / {_pct(datasets[name]['metrics'][f'knn.k{k}.top5'])}" if top5 else "")
                         for k in ks
                     ),
                 )
@@ -514,7 +550,35 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
             ),
         ]
     blocks += [_Heading(2, "Protocol")] + [_Paragraph(line) for line in _protocol(doc)]
+    blocks.append(_provenance_table(doc))
     return blocks
+
+
+def _preprocessing_text(p: Any) -> str:
+    if not isinstance(p, Mapping):
+        return "not recorded"
+    size = f"resize {p.get('resize_size', '?')}, crop {p.get('crop_size', '?')}"
+    interpolation = f" {p['interpolation']}" if "interpolation" in p else ""
+    stats = (
+        f", mean {tuple(round(v, 3) for v in p['mean'])}, std {tuple(round(v, 3) for v in p['std'])}"
+        if "mean" in p and "std" in p else ""
+    )
+    return size + interpolation + stats
+
+
+def _provenance_table(doc: Mapping[str, Any]) -> _Table:
+    """What made each embeddings dataset, one row each (results.json keeps every field)."""
+    rows = []
+    for name in doc["ranking"]:
+        p = doc["datasets"][name]["provenance"]
+        rows.append((
+            name, str(p.get("backbone")), str(p.get("layer")), str(p.get("dim")), _weights_text(p),
+            _preprocessing_text(p.get("preprocessing")), "yes" if p.get("normalize") else "no",
+        ))
+    return _Table(
+        ("Embeddings", "Backbone", "Layer", "Dim", "Weights", "Preprocessing", "L2-normalised"),
+        tuple(rows),
+    )
 
 
 def _protocol(doc: Mapping[str, Any]) -> list[str]:
@@ -549,13 +613,6 @@ def _protocol(doc: Mapping[str, Any]) -> list[str]:
             f"Warning: the final fit of {', '.join(unconverged)} stopped at max_iter before "
             "reaching tol; raise max_iter for converged numbers."
         )
-    for name in doc["ranking"]:
-        p = datasets[name]["provenance"]
-        lines.append(
-            f"{name}: backbone {p.get('backbone')}, layer {p.get('layer')}, dim {p.get('dim')}, "
-            f"weights {json.dumps(p.get('weights'), sort_keys=True)}, preprocessing "
-            f"{json.dumps(p.get('preprocessing'), sort_keys=True)}."
-        )
     return lines
 
 
@@ -584,19 +641,6 @@ def _to_markdown(blocks: Sequence[_Block], figure_paths: Mapping[str, str]) -> s
     return "\n\n".join(out) + "\n"
 
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222;
-       line-height: 1.45; padding: 0 1rem; }
-table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; }
-th { background: #f3f3f3; }
-.warning { background: #fff4e5; border-left: 4px solid #e8590c; padding: 0.6rem 1rem; }
-figure { margin: 1.5rem 0; }
-figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { font-style: italic; color: #555; }
-"""
-
-
 def _to_html(blocks: Sequence[_Block], figures: Mapping[str, bytes]) -> str:
     esc = html.escape
     body = []
@@ -623,5 +667,5 @@ def _to_html(blocks: Sequence[_Block], figures: Mapping[str, bytes]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         "<title>embedpipe probe report</title>"
-        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+        f"<style>{PAGE_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )

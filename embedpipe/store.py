@@ -190,7 +190,12 @@ def part_meta(part: Path) -> dict:
 def _parts_with_meta(path: str | os.PathLike) -> list[tuple[Path, dict, int]]:
     parts = list_parts(path)
     if not parts:
-        raise StoreError(f"no embedding parts (part-*.parquet) in {str(path)!r}")
+        if (Path(path) / "index.json").is_file():
+            raise StoreError(f"{str(path)!r} is an index, not embeddings: see `embedpipe index info {path}`")
+        raise StoreError(
+            f"no embedding parts (part-*.parquet) in {str(path)!r}: run `embedpipe extract IMAGES "
+            f"--backbone NAME --out {path}` first"
+        )
     out = []
     first: dict | None = None
     for p in parts:
@@ -562,7 +567,8 @@ class DatasetWriter:
             if self.embeddings.parts():
                 raise StoreError(
                     f"{self.out} holds parquet parts but no {MANIFEST}: not an embedpipe "
-                    "output directory, or a damaged one; use --overwrite or another --out"
+                    "output directory, or a damaged one; replace it (overwrite=True, on the command "
+                    "line --overwrite) or write elsewhere"
                 )
             return
         existing = json.loads(manifest.read_text(encoding="utf-8"))
@@ -573,9 +579,10 @@ class DatasetWriter:
             raise MetadataMismatchError(
                 f"{self.out} already holds embeddings made differently from this job:\n  "
                 + "\n  ".join(diffs)
-                + "\nUse --overwrite to replace them, or choose another --out."
+                + "\nReplace them (overwrite=True, on the command line --overwrite), or write "
+                "elsewhere."
             )
-        log.warning("--overwrite: deleting the existing embeddings in %s", self.out)
+        log.warning("overwrite: deleting the existing embeddings in %s", self.out)
         for parts in (self.embeddings, self.errors):
             for p in [*parts.parts(), *parts.journals()]:
                 p.unlink()

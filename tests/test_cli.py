@@ -74,3 +74,23 @@ def test_unknown_backbone_and_bad_choice(image_folder, tmp_path):
     r = CliRunner().invoke(main, ["extract", str(image_folder), "--backbone", "resnet18",
                                   "--layer", "fc9", "--out", str(tmp_path / "e")])
     assert r.exit_code == 2 and "'fc9' is not one of 'gap', 'penultimate'" in r.output
+
+
+def test_a_folder_without_images_is_an_error_and_leaves_nothing(tmp_path):
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "notes.txt").write_text("no images here")
+    r = CliRunner().invoke(main, ["-q", "extract", str(tmp_path / "src"), "--backbone", "lenet5",
+                                  "--weights", "none", "--out", str(tmp_path / "emb")])
+    assert r.exit_code == 1
+    assert f"no images in '{tmp_path / 'src'}': looked for files ending in .bmp, .gif" in r.output
+    assert not (tmp_path / "emb").exists()
+
+
+def test_weight_names_are_case_insensitive():
+    from embedpipe.backbones import get_spec, resolve_weights
+
+    spec = get_spec("resnet50")
+    assert resolve_weights(spec, "default") is resolve_weights(spec, "DEFAULT") is spec.weights_enum.DEFAULT
+    assert resolve_weights(spec, "imagenet1k_v1") is spec.weights_enum.IMAGENET1K_V1
+    assert resolve_weights(spec, "None") is None
+    assert resolve_weights(get_spec("efficientnet_lite0"), "default") == "DEFAULT"

@@ -355,6 +355,29 @@ def test_search_usage_errors(idx, args, message):
     assert r.exit_code == 2 and message in r.output
 
 
+def test_queries_without_an_option_are_files_or_ids(idx, images, stored):
+    """`search IDX a.jpg` searches the image; `search IDX cats/000.jpg` the indexed row."""
+    by_file = json.loads(ok("search", idx, images / "cats" / "000.jpg", "-k", "3", "--format", "json").output)
+    by_option = json.loads(ok("search", idx, "--image", images / "cats" / "000.jpg", "-k", "3",
+                              "--format", "json").output)
+    assert by_file == by_option and by_file[0]["id"] == "cats/000.jpg"
+    by_id = json.loads(ok("search", idx, "cats/000.jpg", "-k", "3", "--format", "json").output)
+    assert by_id == json.loads(ok("search", idx, "--id", "cats/000.jpg", "-k", "3", "--format", "json").output)
+    r = run("search", idx, images / "cats" / "000.jpg", "cats/001.png")
+    assert r.exit_code == 2 and "search images and ids separately" in r.output
+
+
+def test_hints_point_to_the_right_command(emb, idx, tmp_path):
+    r = run("search", emb, "--id", "cats/000.jpg")
+    assert r.exit_code == 1 and "is an embeddings dataset, not an index" in r.output
+    assert f"--out {emb}-index" in r.output  # not the embeddings folder itself
+    r = run("info", idx)
+    assert r.exit_code == 1 and f"see `embedpipe index info {idx}`" in r.output
+    (tmp_path / "empty").mkdir()
+    r = run("index", "build", tmp_path / "empty", "--out", tmp_path / "i")
+    assert r.exit_code == 1 and "run `embedpipe extract IMAGES" in r.output
+
+
 def test_cli_choices_are_the_apis():
     # spelt out in the CLI so that `embedpipe --help` does not import FAISS
     assert list(cli_index.METRICS) == [m.value for m in Metric]

@@ -130,3 +130,45 @@ def test_unreadable_results_are_refused(tmp_path):
     (tmp_path / RESULTS_FILE).write_text(json.dumps({"schema": "embedpipe.probe/0"}))
     with pytest.raises(ReportError, match="schema 'embedpipe.probe/0'"):
         render_report(tmp_path)
+
+
+def test_protocol_is_a_table_and_checkpoints_show_a_short_name(report_dir, tmp_path):
+    markdown = (report_dir / MARKDOWN_FILE).read_text()
+    assert "| Embeddings | Backbone | Layer | Dim | Weights | Preprocessing | L2-normalised |" in markdown
+    assert '{"' not in markdown  # no raw JSON anywhere
+    doc = json.loads((report_dir / RESULTS_FILE).read_text())
+    path = "/srv/models/very/long/run-42/checkpoint.pt"
+    doc["datasets"]["pixels"]["provenance"]["weights"] = {
+        "kind": "checkpoint", "name": path, "pretrained": True, "sha256": "ab12cd34ef56" + "0" * 52,
+    }
+    (tmp_path / RESULTS_FILE).write_text(json.dumps(doc))
+    text = render_report(tmp_path).markdown.read_text()
+    assert "checkpoint.pt (ab12cd34) (pretrained)" in text and path not in text
+
+
+def test_top5_columns_are_left_out_with_five_classes_or_fewer(tmp_path):
+    X, y = load_digits(return_X_y=True)
+    keep = y < 3
+    X, y = X[keep][:240].astype(np.float32), y[keep][:240]
+    ids = np.array([f"d{i}" for i in range(len(y))], dtype=object)
+    meta = {"backbone": "pixels", "layer": "gap", "dim": 64, "weights": {"name": "x", "pretrained": True}}
+    with threadpool_limits(limits=1):
+        results = run_probe([ProbeInput("pixels", ids, y.astype(object), X, meta)],
+                            ProbeConfig(knn_ks=(10,)))
+    markdown = write_report(results, tmp_path).markdown.read_text()
+    assert "Top-5" not in markdown and "top-5" not in markdown
+
+
+def test_top5_columns_are_shown_with_more_than_five_classes(report_dir):
+    assert "Top-5" in (report_dir / MARKDOWN_FILE).read_text()
+
+
+def test_robust_limits_keep_one_outlier_from_squashing_the_rest():
+    from embedpipe.report import robust_limits
+
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(500, 2))
+    points[7] = (1e6, -1e6)
+    (lo, hi), outside = robust_limits(points)
+    assert (hi - lo).max() < 10  # the cloud's scale, not the outlier's
+    assert outside[7] and outside.sum() < 25

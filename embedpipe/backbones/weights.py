@@ -30,22 +30,27 @@ def _looks_like_path(value: str) -> bool:
 
 def resolve_weights(spec: BackboneSpec, weights: str) -> WeightsEnum | Path | str | None:
     """Interpret a ``--weights`` value: ``None`` (random), a torchvision weights enum, a
-    checkpoint file, or the name of one of ``spec.pretrained``."""
+    checkpoint file, or the name of one of ``spec.pretrained``. Names are matched without
+    regard to case (``default``, ``imagenet1k_v2``); a path is a path."""
     if weights.lower() == "none":
         return None
     if Path(weights).is_file():
         return Path(weights).resolve()
     if _looks_like_path(weights):
         raise WeightsError(f"checkpoint file {weights!r} does not exist")
-    if weights in spec.pretrained:
-        return weights
+    pretrained = {name.lower(): name for name in spec.pretrained}
+    if weights.lower() in pretrained:
+        return pretrained[weights.lower()]
     if spec.weights_enum is None:
         known = f"choose one of {', '.join(spec.pretrained)}, " if spec.pretrained else "it has no published weights; use "
         raise WeightsError(
             f"unknown weights {weights!r} for {spec.name}: {known}--weights none or a checkpoint path"
         )
+    if weights.lower() == "default":
+        return spec.weights_enum.DEFAULT
+    members = {member.name.lower(): member for member in spec.weights_enum}
     try:
-        return spec.weights_enum.DEFAULT if weights == "DEFAULT" else spec.weights_enum[weights]
+        return members[weights.lower()]
     except KeyError:
         raise WeightsError(
             f"unknown weights {weights!r} for {spec.name}; choose one of "

@@ -244,12 +244,15 @@ def search(
     **knobs,
 ) -> None:
     """The k nearest neighbours in the index at INDEX_DIR of query images (--image), of
-    rows it holds (--id), or of a whole embeddings dataset (--embeddings).
+    rows it holds (--id), or of a whole embeddings dataset (--embeddings). Queries given
+    without an option are image files when they exist, ids of the index otherwise.
 
     One row per (query, rank): query_id, rank (from 1), id, label, score (similarity for
     cosine and ip, distance for l2). Images that cannot be read are reported on standard
     error and skipped.
     """
+    if more and not (images or ids or embeddings):
+        images, ids, more = _positional_queries(more)
     given = [
         name
         for name, value in (("--image", images), ("--id", ids), ("--embeddings", embeddings))
@@ -297,6 +300,19 @@ def search(
         _write_galleries(results.to_frame(), queries, root, gallery, k=k, opened=opened)
 
 
+def _positional_queries(values: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[()]]:
+    """Queries given without --image/--id: files that exist are images, the rest ids;
+    one kind per search."""
+    files = tuple(v for v in values if Path(v).is_file())
+    if files and len(files) != len(values):
+        others = [v for v in values if v not in files]
+        raise click.UsageError(
+            f"{', '.join(files)} are image files but {', '.join(others)} are not: search images "
+            "and ids separately (--image FILE..., --id ID...)"
+        )
+    return (files, (), ()) if files else ((), values, ())
+
+
 # --- output ----------------------------------------------------------------------
 
 
@@ -309,6 +325,7 @@ def _write_galleries(frame, queries: dict[str, Path], root: Path, target: Path, 
     galleries = query_galleries(
         frame, queries, root, provenance=Provenance.from_json(opened.meta), k=k,
         score_name=str(opened.info.metric),
+        query_labels={q: opened.label_of(q) for q in queries if q in opened},
     )
     for n, g in enumerate(galleries):
         out = target if len(galleries) == 1 else target.with_name(f"{target.stem}_{n}{target.suffix}")

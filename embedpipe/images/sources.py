@@ -136,14 +136,27 @@ def read_manifest(path: str | os.PathLike) -> list[ImageRecord]:
 
 
 def open_source(path: str | os.PathLike) -> list[ImageRecord]:
-    """A folder, a manifest file or a folder URI (``s3://bucket/images``) -> records."""
-    if is_uri(path):
-        return scan_uri(path)
+    """A folder, a manifest file or a folder URI (``s3://bucket/images``) -> records.
+
+    A source with no images is an error (that names what was looked for), not an empty
+    job that succeeds.
+    """
     p = Path(path)
-    if p.is_file() and p.suffix in MANIFEST_SUFFIXES:
-        return read_manifest(p)
-    if p.is_dir():
-        return scan_folder(p)
-    raise SourceError(
-        f"{str(p)!r} is neither an image folder nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
-    )
+    if is_uri(path):
+        records = scan_uri(path)
+    elif p.is_file() and p.suffix in MANIFEST_SUFFIXES:
+        records = read_manifest(p)
+        if not records:
+            raise SourceError(f"the manifest {str(p)!r} lists no images")
+    elif p.is_dir():
+        records = scan_folder(p)
+    else:
+        raise SourceError(
+            f"{str(p)!r} is neither an image folder nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
+        )
+    if not records:
+        raise SourceError(
+            f"no images in {str(path)!r}: looked for files ending in "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))} (any case), in subfolders too"
+        )
+    return records
