@@ -94,3 +94,40 @@ def test_weight_names_are_case_insensitive():
     assert resolve_weights(spec, "imagenet1k_v1") is spec.weights_enum.IMAGENET1K_V1
     assert resolve_weights(spec, "None") is None
     assert resolve_weights(get_spec("efficientnet_lite0"), "default") == "DEFAULT"
+
+
+def _commands(group, prefix=()):
+    import click
+
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        yield (*prefix, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*prefix, name))
+
+
+def test_every_option_has_help_and_every_summary_fits():
+    import click
+
+    for path, cmd in _commands(main):
+        missing = [p.opts[0] for p in cmd.params if isinstance(p, click.Option) and not p.hidden and not p.help]
+        assert not missing, f"{' '.join(path)}: options without help {missing}"
+        summary = cmd.get_short_help_str(limit=80 - 2 - 13)  # the column click gives it
+        assert not summary.endswith("..."), f"{' '.join(path)}: summary cut: {summary}"
+
+
+def test_describing_commands_take_format_json_and_the_json_alias(tmp_path):
+    import numpy as np
+
+    from embedpipe.store import DatasetWriter, embeddings_schema, embeddings_table
+
+    meta = {"backbone": "lenet5", "dim": 4, "layer": "gap"}
+    with DatasetWriter(tmp_path / "emb", meta) as w:
+        w.append(embeddings_table(ids=["a"], labels=["x"], vectors=np.ones((1, 4), np.float32),
+                                  width=[1], height=[1], size=[1], mtime_ns=[1], content_hash=["h"],
+                                  schema=embeddings_schema(4)))
+    by_format = run("info", str(tmp_path / "emb"), "--format", "json").output
+    assert json.loads(by_format)["rows"] == 1
+    assert run("info", str(tmp_path / "emb"), "--json").output == by_format
+    assert json.loads(run("backbones", "--filter", "lenet*", "--json").output)[0]["name"] == "lenet5"

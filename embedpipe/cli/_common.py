@@ -30,5 +30,20 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def output_format(fn: Callable) -> Callable:
+    """``--format table|json`` (``--json`` kept as a hidden alias): one way to choose the
+    output of every describing command; the command receives ``fmt``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, fmt: str, as_json: bool, **kwargs):
+        return fn(*args, fmt="json" if as_json else fmt, **kwargs)
+
+    wrapper = click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as --format json.")(wrapper)
+    return click.option(
+        "--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+        help="table for people, json for programs.",
+    )(wrapper)
+
+
 def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))

@@ -45,12 +45,12 @@ def _model_options(fn: Callable) -> Callable:
     return fn
 
 
-@main.group()
+@main.group(short_help="See what a backbone sees: filters, feature maps, saliency.")
 def explain() -> None:
     """See what a backbone sees: first-layer filters, feature maps, saliency maps."""
 
 
-@explain.command()
+@explain.command(short_help="The first convolution's filters as an image grid.")
 @_model_options
 @friendly_errors
 def filters(backbone: str, weights: str, seed: int, out: Path) -> None:
@@ -60,7 +60,7 @@ def filters(backbone: str, weights: str, seed: int, out: Path) -> None:
     click.echo(write_filters(out, backbone=backbone, weights=weights, seed=seed))
 
 
-@explain.command()
+@explain.command(short_help="The strongest channels of one layer's activations.")
 @click.argument("image", type=_IMAGE)
 @click.option(
     "--layer",
@@ -89,7 +89,7 @@ def featuremaps(
     )
 
 
-@explain.command()
+@explain.command(short_help="Which pixels move a class logit or a neighbour's similarity.")
 @click.argument("image", type=_IMAGE)
 @click.option(
     "--target",

@@ -17,15 +17,15 @@ from ..config import (
     Precision,
 )
 from ..uris import is_uri
-from ._common import echo_json, enum_choice, friendly_errors
+from ._common import echo_json, enum_choice, friendly_errors, output_format
 from .app import main
 
 
-@main.command()
+@main.command(short_help="List backbones: dims, input size, weights, what is offline.")
 @click.option("--source", type=click.Choice(["registry", "timm"]), default="registry",
               help="registry: the built-in and plugin backbones; timm: timm's models (needs timm).")
 @click.option("--filter", "pattern", help="Only names matching this glob, e.g. '*efficientnet*'.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@output_format
 @friendly_errors
 def backbones(source: str, pattern: str | None, fmt: str) -> None:
     """List backbones: family, embedding dims, input size, known weights, and which of
@@ -75,7 +75,7 @@ class SourceParam(click.ParamType):
         return click.Path(exists=True, path_type=Path).convert(value, param, ctx)
 
 
-@main.command()
+@main.command(short_help="Embed the images of a folder, manifest or URI into Parquet.")
 @click.argument("source", type=SourceParam())
 @click.option("--backbone", required=True, help="A registered name (see `embedpipe backbones`).")
 @click.option(
@@ -88,16 +88,20 @@ class SourceParam(click.ParamType):
               help="Rename checkpoint keys: a built-in map (lukemelas-efficientnet-lite0, "
               "strip-module), 'old=new' prefixes, or package.module:function.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--layer", type=enum_choice(Layer), default=Layer.GAP.value)
+@click.option("--layer", type=enum_choice(Layer), default=Layer.GAP.value,
+              help="gap: global average pool of the last feature map; penultimate: the input of the "
+              "final classifier layer (fc7 for AlexNet/VGG).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Default: 8 on CPU, 128 on GPU.")
-@click.option("--device", type=enum_choice(Device), default=Device.AUTO.value)
+@click.option("--device", type=enum_choice(Device), default=Device.AUTO.value,
+              help="auto: the GPU when torch sees one, else the CPU.")
 @click.option("--precision", type=enum_choice(Precision), default=Precision.FP32.value,
               help="fp32 reproduces torchvision exactly; bf16 is ~3x faster on AMX CPUs.")
 @click.option("--workers", type=click.IntRange(min=1), help="Decode processes. Default: from the cores.")
 @click.option("--decode", type=enum_choice(DecodeMode), default=DecodeMode.FULL.value,
               help="full: decode every pixel (exact); draft: JPEG DCT-domain downscale (faster, "
               "not exact); device: JPEGs decoded on the GPU.")
-@click.option("--embedding-dtype", type=enum_choice(EmbeddingDtype), default=EmbeddingDtype.FLOAT32.value)
+@click.option("--embedding-dtype", type=enum_choice(EmbeddingDtype), default=EmbeddingDtype.FLOAT32.value,
+              help="How vectors are stored; float16 halves the files.")
 @click.option("--normalize/--no-normalize", default=False, help="L2-normalise embeddings.")
 @click.option("--resize-size", type=click.IntRange(min=1), help="Override the weights' resize size.")
 @click.option("--crop-size", type=click.IntRange(min=1), help="Override the weights' crop size.")
@@ -139,26 +143,26 @@ def extract(ctx: click.Context, source: Path | str, **options) -> None:
     click.echo(summary.line())
 
 
-@main.command()
+@main.command(short_help="Describe an embeddings dataset (or list its errors).")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--errors", "list_errors", is_flag=True,
               help="List the images that could not be embedded (id, error type, message).")
+@output_format
 @friendly_errors
-def info(path: Path, as_json: bool, list_errors: bool) -> None:
+def info(path: Path, fmt: str, list_errors: bool) -> None:
     """Describe an embeddings dataset: rows, dim, backbone, weights, labels, files."""
     from ..store import dataset_info, read_errors
 
     if list_errors:
         errors = read_errors(path)[["id", "error_type", "message"]]
-        if as_json:
+        if fmt == "json":
             echo_json(errors.to_dict(orient="records"))
         else:
             for row in errors.itertuples():
                 click.echo(f"{row.id}\t{row.error_type}\t{row.message}")
         return
     d = dataset_info(path)
-    if as_json:
+    if fmt == "json":
         echo_json(d)
         return
     from ..provenance import Provenance

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from ..config import Choice
-from ._common import echo_json, enum_choice, friendly_errors
+from ._common import echo_json, enum_choice, friendly_errors, output_format
 from .app import main
 
 # The values of embedpipe.index.Metric, spelt out so that building the command line does
@@ -40,12 +40,12 @@ _SUFFIX_FORMATS = {
 }
 
 
-@main.group()
+@main.group(short_help="Build, describe and evaluate FAISS indexes.")
 def index() -> None:
     """Build, describe and evaluate nearest-neighbour indexes (FAISS)."""
 
 
-@index.command("build")
+@index.command("build", short_help="Build an index over an embeddings dataset.")
 @click.argument("embeddings", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="Index directory to write."
@@ -94,16 +94,16 @@ def build(embeddings: Path, out: Path, index_spec: str, overwrite: bool, **optio
         click.echo(f"{key:>8}: {value}")
 
 
-@index.command("info")
+@index.command("info", short_help="Describe an index and the embeddings it holds.")
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (index.json).")
+@output_format
 @friendly_errors
-def info(index_dir: Path, as_json: bool) -> None:
+def info(index_dir: Path, fmt: str) -> None:
     """Describe an index: type and why, metric, size, tuning, and the embeddings it holds."""
     from ..index import read_info
 
     meta = read_info(index_dir)  # index.json only: the FAISS file may be large
-    if as_json:
+    if fmt == "json":
         echo_json({"path": str(index_dir), **meta.to_dict()})
         return
     lines = {
@@ -122,7 +122,7 @@ def info(index_dir: Path, as_json: bool) -> None:
         click.echo(f"{key:>13}: {value}")
 
 
-@index.command("eval")
+@index.command("eval", short_help="Recall, queries per second and size of an index.")
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--queries",
@@ -148,14 +148,14 @@ def info(index_dir: Path, as_json: bool) -> None:
     help="Evaluate this efSearch (HNSW) instead of the tuned one.",
 )
 @click.option("--seed", type=int, default=0, help="Seed of the query draw.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@output_format
 @friendly_errors
-def evaluate(index_dir: Path, embeddings: Path | None, as_json: bool, **options) -> None:
+def evaluate(index_dir: Path, embeddings: Path | None, fmt: str, **options) -> None:
     """Recall@k against exact search, batch queries per second, and memory of an index."""
     from ..index import Index, eval_embeddings, format_bytes
 
     report = eval_embeddings(Index.open(index_dir), embeddings, **options)
-    if as_json:
+    if fmt == "json":
         echo_json({"path": str(index_dir), **dataclasses.asdict(report)})
         return
     setting = f"{report.knob}={report.value}" if report.knob else "exact search"
@@ -166,7 +166,7 @@ def evaluate(index_dir: Path, embeddings: Path | None, as_json: bool, **options)
     click.echo(f"  memory: {format_bytes(report.index_bytes)}")
 
 
-@main.command()
+@main.command(short_help="Nearest neighbours of images, ids or embeddings.")
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("more", nargs=-1, metavar="[FILE|ID]...")
 @click.option(

@@ -10,7 +10,7 @@ from ._common import friendly_errors
 from .app import main
 
 
-@main.command()
+@main.command(short_help="Run a pipeline file: the steps not up to date, in order.")
 @click.argument("pipeline", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Show what would run and what is up to date.")
 @click.pass_context

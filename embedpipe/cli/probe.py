@@ -17,14 +17,14 @@ def _names(paths: tuple[Path, ...]) -> list[str]:
     return [str(p) if names.count(p.name) > 1 else p.name for p in paths]
 
 
-@main.command()
+@main.command(short_help="Linear and k-NN probes of embeddings, with a report.")
 @click.argument("embeddings", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Report folder.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               help="Held-out fraction (stratified, seeded); ignored with --test.")
 @click.option("--test", "tests", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="A given test split: embeddings of the test images, one per backbone (repeatable).")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=int, default=0, help="Seeds the split, the bootstrap and the projection.")
 @click.option("--align", type=enum_choice(IdAlignment), default=IdAlignment.STRICT.value,
               help="strict: datasets must hold the same ids; intersect: probe the ids they share.")
 @click.option("--standardize/--no-standardize", default=True, help="Standardise features for the linear probe.")
@@ -52,7 +52,7 @@ def probe(embeddings: tuple[Path, ...], out: Path, test_size: float, tests: tupl
     click.echo(f"report: {files.html}")
 
 
-@main.command()
+@main.command(short_help="Re-render a probe report from its results.json.")
 @click.argument("report_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @friendly_errors
 def report(report_dir: Path) -> None:

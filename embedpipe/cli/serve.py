@@ -10,7 +10,7 @@ from ._common import friendly_errors
 from .app import main
 
 
-@main.command()
+@main.command(short_help="Serve an index: a search page and a JSON API.")
 @click.argument("index", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The image folder the index's ids are relative to. Default: the one it records.")
@@ -18,7 +18,7 @@ from .app import main
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="A name clients reach the server by (repeatable); requests with any other Host "
                    "are refused (DNS rebinding). localhost, 127.0.0.1, [::1] and --host always are.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, help="TCP port to listen on.")
 @click.option("--workers", type=click.IntRange(min=1), default=1,
               help="Server processes; each loads the index and the model.")
 @click.option("--max-k", type=click.IntRange(min=1), default=100, help="Largest k a request may ask for.")
