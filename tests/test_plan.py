@@ -62,3 +62,19 @@ def test_auto_picks_cuda_when_present(monkeypatch, cores, workers, threads):
     r = plan(cfg(precision="fp16"))
     assert (r.device, r.channels_last, r.batch_size) == ("cuda", True, 128)
     assert (r.workers, r.threads, r.worker_nice) == (workers, threads, 0)
+
+
+def test_fp32_on_cuda_turns_tf32_off(monkeypatch):
+    """The path a GPU takes, forced on the CPU: fp32 must not quietly run in TF32."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert plan(cfg(precision="fp32")).device == "cuda"
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(DeviceError, match="no bf16 support.*use fp16"):
+        plan(cfg(precision="bf16"))

@@ -40,6 +40,13 @@ def bf16_supported_on_cpu() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def keep_fp32_exact() -> None:
+    """Turn TF32 off for this process's CUDA convolutions and matmuls (a process-wide
+    switch in PyTorch: an fp32 extraction owns its process's GPU arithmetic)."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def plan(config: ExtractConfig) -> Runtime:
     """Choose device, batch size, workers and threads from the config and the machine."""
     cuda = torch.cuda.is_available()
@@ -68,6 +75,12 @@ def plan(config: ExtractConfig) -> Runtime:
             channels_last=config.precision != Precision.FP32,
             worker_nice=10,
         )
+    if config.precision == Precision.BF16 and not torch.cuda.is_bf16_supported():
+        raise DeviceError("this GPU has no bf16 support (it needs compute capability 8.0+); use fp16")
+    if config.precision == Precision.FP32:
+        # fp32 means fp32: PyTorch lets cuDNN convolutions (and may let matmuls) run in TF32
+        # on Ampere and newer GPUs, 10-bit mantissas that move embeddings off torchvision's
+        keep_fp32_exact()
     return Runtime(
         device=device,
         precision=config.precision,
