@@ -292,3 +292,29 @@ def test_a_folder_uri_extracts_and_resumes_like_the_folder(image_folder, tmp_pat
     os.utime(changed, ns=(1, 1))  # a different mtime, whatever the clock's resolution
     again = extract(ExtractConfig(source=uri, out=tmp_path / "uri", **options))
     assert (again.embedded, again.skipped, again.dropped) == (1, 9, 1)
+
+
+def test_out_of_device_memory_halves_the_batch_and_loses_nothing(monkeypatch):
+    """What a GPU does at too large a batch, forced on the CPU: the forward raises
+    torch.cuda.OutOfMemoryError above 3 images; every image is still embedded, exactly."""
+    from embedpipe.backbones import load_backbone
+    from embedpipe.extraction.forward import BatchEmbedder
+    from embedpipe.extraction.plan import plan
+
+    runtime = plan(ExtractConfig(source=".", out=".", backbone="lenet5", device="cpu", batch_size=8))
+    forward = BatchEmbedder(load_backbone("lenet5", weights="none"), runtime)
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1), dtype=np.uint8)
+    expected = np.concatenate([forward(pixels[i : i + 1]) for i in range(8)])
+    real, refused = forward._forward, []
+
+    def small_memory(x):
+        if len(x) > 3:
+            refused.append(len(x))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(x)
+
+    monkeypatch.setattr(forward, "_forward", small_memory)
+    np.testing.assert_allclose(forward(pixels), expected, rtol=1e-5, atol=1e-6)
+    assert refused == [8, 4] and forward.max_batch == 2
+    np.testing.assert_allclose(forward(pixels), expected, rtol=1e-5, atol=1e-6)
+    assert refused == [8, 4]  # later batches run at the size that fitted

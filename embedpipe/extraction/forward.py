@@ -7,6 +7,7 @@ exactly as a recorded dataset was made (same backbone, weights, preprocessing, p
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 
@@ -20,6 +21,8 @@ from ..images.decode import Decoded, DecodeFailure, EncodedJPEG, decode_file
 from ..images.preprocess import Preprocessing
 from ..provenance import Provenance, WeightsKind
 from .plan import Runtime, plan
+
+log = logging.getLogger(__name__)
 
 
 def standardize(
@@ -74,6 +77,8 @@ class BatchEmbedder:
         self.autocast_dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(
             runtime.precision
         )
+        #: the largest batch the device has run; halved on out-of-memory (see :meth:`embed`)
+        self.max_batch = runtime.batch_size
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """(B, H, W, C) uint8 -> (B, D) float32."""
@@ -98,9 +103,28 @@ class BatchEmbedder:
             return np.empty((0, self.model.dim), np.float32), failures
         return self.embed(standardize(x, self.preprocessing, memory_format=self.memory_format)), failures
 
-    @torch.inference_mode()
     def embed(self, x: torch.Tensor) -> np.ndarray:
-        """(B, C, H, W) normalised float on the device -> (B, D) float32 numpy."""
+        """(B, C, H, W) normalised float on the device -> (B, D) float32 numpy.
+
+        A batch the device has no memory for is halved and both halves run, and later
+        batches are split to the size that fitted: the job finds the largest batch the
+        GPU holds and never loses one.
+        """
+        if len(x) > self.max_batch:
+            return np.concatenate([self.embed(part) for part in x.split(self.max_batch)])
+        try:
+            return self._forward(x)
+        except torch.cuda.OutOfMemoryError:
+            if len(x) == 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.max_batch = len(x) // 2
+            log.warning("out of device memory at batch %d; continuing at %d", len(x), self.max_batch)
+            return self.embed(x)
+
+    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor) -> np.ndarray:
         with torch.autocast(
             self.device.type,
             dtype=self.autocast_dtype or torch.float32,
