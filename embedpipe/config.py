@@ -161,6 +161,14 @@ class FinetuneConfig:
         return json.loads(json.dumps(d, default=str))
 
 
+class MapMethod(Choice):
+    """How ``embedpipe map`` reduces embeddings to two dimensions."""
+
+    UMAP = "umap"
+    PCA = "pca"
+    TSNE = "tsne"
+
+
 #: Pillow's own default warning threshold; above it an image is refused before decoding.
 DEFAULT_MAX_PIXELS = 89_478_485
 

@@ -7,7 +7,7 @@ holds logic of its own. Command modules register themselves on :data:`main`.
 from __future__ import annotations
 
 # each command module registers its commands on main
-from . import explain, extract, finetune, index, pipeline, probe, serve  # noqa: E402,F401
+from . import compare, explain, extract, finetune, index, maps, pipeline, probe, serve  # noqa: E402,F401
 from .app import main
 
 __all__ = ["main"]
