@@ -45,5 +45,27 @@ def output_format(fn: Callable) -> Callable:
     )(wrapper)
 
 
+def table_columns(fn: Callable) -> Callable:
+    """``--id-column``, ``--embedding-column`` and ``--ids``: where the ids and vectors are
+    in embeddings another tool wrote (see embedpipe.tables). The command receives
+    ``columns``: the options as a dict, or None for embedpipe's own datasets."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, id_column: str | None, embedding_column: str | None, ids_file, **kwargs):
+        given = {"id": id_column, "embedding": embedding_column, "ids": ids_file}
+        columns = {k: v for k, v in given.items() if v is not None} or None
+        return fn(*args, columns=columns, **kwargs)
+
+    for option in (
+        click.option("--ids", "ids_file", type=click.Path(exists=True, dir_okay=False),
+                     help="For an .npy matrix: the Parquet of its ids, in row order."),
+        click.option("--embedding-column", help="The vector column of a table another tool wrote "
+                     "(default: its one list-of-floats column)."),
+        click.option("--id-column", help="The id column of a table another tool wrote (default: id)."),
+    ):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from ..config import Choice
-from ._common import echo_json, enum_choice, friendly_errors, output_format
+from ._common import echo_json, enum_choice, friendly_errors, output_format, table_columns
 from .app import main
 
 # The values of embedpipe.index.Metric, spelt out so that building the command line does
@@ -78,14 +78,20 @@ def index() -> None:
 )
 @click.option("--seed", type=int, default=0, help="Seed of the training sample and k-means.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index at --out.")
+@table_columns
 @friendly_errors
-def build(embeddings: Path, out: Path, index_spec: str, overwrite: bool, **options) -> None:
-    """Build an index over the embeddings dataset EMBEDDINGS and write it to --out."""
+def build(embeddings: Path, out: Path, index_spec: str, overwrite: bool, columns: dict | None,
+          **options) -> None:
+    """Build an index over the embeddings dataset EMBEDDINGS and write it to --out. Tables
+    other tools wrote work too: a Parquet with an id and a vector column, or an .npy
+    matrix with --ids."""
     from ..index import Index, check_destination, embedding_blocks
+    from ..tables import Columns
 
     check_destination(out, overwrite=overwrite)  # before the build, not after it
     built = Index.build(
-        embedding_blocks(embeddings), index=index_spec, embeddings_path=embeddings, **options
+        embedding_blocks(embeddings, Columns(**columns) if columns else None), index=index_spec,
+        embeddings_path=embeddings, **options,
     )
     built.save(out, overwrite=overwrite)
     info = built.info
@@ -228,6 +234,7 @@ def evaluate(index_dir: Path, embeddings: Path | None, fmt: str, **options) -> N
     help="Folder the index's ids are relative to, for --gallery. Default: the folder the "
     "embeddings were extracted from.",
 )
+@table_columns
 @friendly_errors
 def search(
     index_dir: Path,
@@ -241,6 +248,7 @@ def search(
     out: Path | None,
     gallery: Path | None,
     images_root: Path | None,
+    columns: dict | None,
     **knobs,
 ) -> None:
     """The k nearest neighbours in the index at INDEX_DIR of query images (--image), of
@@ -290,7 +298,10 @@ def search(
     elif ids:
         results = opened.search_ids([*ids, *more], k, exclude_self=exclude_self, **knobs)
     else:
-        results = search_embeddings(opened, embeddings, k, exclude_self=exclude_self, **knobs)
+        from ..tables import Columns
+
+        results = search_embeddings(opened, embeddings, k, exclude_self=exclude_self,
+                                    columns=Columns(**columns) if columns else None, **knobs)
     _write_results(results.to_arrow(), fmt, out)
     if gallery is not None:
         root = images_root or Path(Provenance.from_json(opened.meta).images or "")

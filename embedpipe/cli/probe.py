@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..config import IdAlignment
-from ._common import enum_choice, friendly_errors
+from ._common import enum_choice, friendly_errors, table_columns
 from .app import main
 
 
@@ -30,16 +30,19 @@ def _names(paths: tuple[Path, ...]) -> list[str]:
 @click.option("--standardize/--no-standardize", default=True, help="Standardise features for the linear probe.")
 @click.option("--l2-normalize", is_flag=True, help="L2-normalise features for the linear probe.")
 @click.option("--jobs", type=int, default=-1, help="Datasets probed at once (-1: every core).")
+@table_columns
 @friendly_errors
 def probe(embeddings: tuple[Path, ...], out: Path, test_size: float, tests: tuple[Path, ...], seed: int,
-          align: str, standardize: bool, l2_normalize: bool, jobs: int) -> None:
-    """Linear-probe and k-NN evaluation of each EMBEDDINGS dataset, compared in one report."""
+          align: str, standardize: bool, l2_normalize: bool, jobs: int, columns: dict | None) -> None:
+    """Linear-probe and k-NN evaluation of each EMBEDDINGS dataset, compared in one report
+    (embedpipe's datasets, or tables other tools wrote: see --id-column)."""
     from ..probe import ProbeConfig, ProbeInput, run_probe
     from ..report import write_report
-    from ..store import read_embeddings
+    from ..tables import Columns, read_any
 
-    inputs = [ProbeInput.from_embeddings(read_embeddings(p), name=n) for p, n in zip(embeddings, _names(embeddings))]
-    test_inputs = [ProbeInput.from_embeddings(read_embeddings(p), name=n) for p, n in zip(tests, _names(tests))]
+    where = Columns(**columns) if columns else Columns()
+    inputs = [ProbeInput.from_embeddings(read_any(p, where), name=n) for p, n in zip(embeddings, _names(embeddings))]
+    test_inputs = [ProbeInput.from_embeddings(read_any(p, where), name=n) for p, n in zip(tests, _names(tests))]
     config = ProbeConfig(test_size=test_size, seed=seed, align=IdAlignment(align), standardize=standardize,
                          l2_normalize=l2_normalize, n_jobs=jobs)
     results = run_probe(inputs, config, test=test_inputs or None)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from .core import EvalReport, Index, SearchResults
 
 if TYPE_CHECKING:
     from ..extraction.forward import QueryEmbedder
+    from ..tables import Columns
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,15 @@ log = logging.getLogger(__name__)
 # --- embeddings datasets and images on disk ------------------------------------------
 
 
-def embedding_blocks(path: str | os.PathLike[str]) -> BlockSource:
-    """A :data:`BlockSource` over the embeddings dataset at ``path``: each call re-opens it
-    and yields one :class:`embedpipe.store.Embeddings` block per Parquet part."""
+def embedding_blocks(path: str | os.PathLike[str], columns: Columns | None = None) -> BlockSource:
+    """A :data:`BlockSource` over the embeddings at ``path``: each call re-opens them and
+    yields :class:`embedpipe.store.Embeddings` blocks (one per Parquet part of an embedpipe
+    dataset; tables other tools wrote, named by ``columns``, see :mod:`embedpipe.tables`)."""
     # imported here so the compute above does not depend on the Parquet layer
-    from ..store import iter_embedding_blocks
+    from ..tables import Columns
+    from ..tables import embedding_blocks as blocks
 
-    return functools.partial(iter_embedding_blocks, path)
+    return blocks(path, columns or Columns())
 
 
 def search_embeddings(
@@ -48,12 +50,14 @@ def search_embeddings(
     exclude_self: bool = False,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    columns: Columns | None = None,
 ) -> SearchResults:
-    """Batch search: every row of the embeddings dataset at ``path`` as a query, after
-    checking it was embedded like the index (:meth:`Index.check_compatible`)."""
-    from ..store import read_embeddings
+    """Batch search: every row of the embeddings at ``path`` as a query, after checking
+    they were embedded like the index (:meth:`Index.check_compatible`; embeddings without
+    provenance are not compared)."""
+    from ..tables import Columns, read_any
 
-    queries = read_embeddings(path)
+    queries = read_any(path, columns or Columns())
     index.check_compatible(queries.meta)
     return index.search(
         queries.vectors,
