@@ -15,8 +15,10 @@ GoogLeNet / Inception v3 add their auxiliary classifiers' losses in ``partial`` 
 Training follows the classic recipes: SGD with momentum and weight decay (AdamW as an
 option), cosine or step schedule after a linear warm-up, optional label smoothing,
 augmentation for training only, mixed precision on a GPU. Splits are the probe's
-(stratified, seeded: the same test rows), so fine-tuned and frozen numbers compare.
-Each epoch validates; the best weights are kept; ``last.pt`` lets a killed run resume.
+(stratified, seeded, over sorted ids: the same test images), so fine-tuned and frozen
+numbers compare. Each epoch validates; the best weights are kept; ``last.pt`` lets a
+killed run resume, and each epoch seeds its own randomness, so a resumed run ends where
+an uninterrupted one does.
 
 Outputs in ``--out``: ``checkpoint.pt`` (best; ``extract --weights`` takes it),
 ``last.pt`` (resume state), ``history.csv``, ``history.png``, ``finetune.json``.
@@ -40,7 +42,7 @@ import torchvision.transforms.v2 as T
 from torch import nn
 
 from .backbones import AuxHead, get_spec, load_classifier
-from .config import DEFAULT_MAX_PIXELS, Augment, Device, Mode, Optimizer, Schedule
+from .config import DEFAULT_MAX_PIXELS, Augment, FinetuneConfig, Mode, Optimizer, Schedule
 from .errors import FinetuneError
 from .files import atomic_write_bytes, atomic_write_text
 from .images.decode import load_image
@@ -48,54 +50,6 @@ from .images.preprocess import Preprocessing
 from .images.sources import ImageRecord, open_source
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """One fine-tuning job. ``unfreeze`` of ``()`` means the family's last stage."""
-
-    source: Path
-    out: Path
-    backbone: str
-    weights: str = "DEFAULT"
-    mode: Mode = Mode.PARTIAL
-    epochs: int = 10
-    lr: float = 0.01
-    backbone_lr_mult: float = 0.1
-    unfreeze: tuple[str, ...] = ()
-    augment: Augment = Augment.STANDARD
-    batch_size: int = 64
-    seed: int = 0
-    optimizer: Optimizer = Optimizer.SGD
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: Schedule = Schedule.COSINE
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
-    test_size: float = 0.2
-    val_size: float = 0.1
-    early_stopping: int | None = None
-    workers: int = 0
-    device: Device = Device.AUTO
-    resize_size: int | None = None
-    crop_size: int | None = None
-
-    def __post_init__(self) -> None:
-        for name, kind in (("source", Path), ("out", Path), ("mode", Mode), ("augment", Augment),
-                           ("optimizer", Optimizer), ("schedule", Schedule), ("device", Device)):
-            object.__setattr__(self, name, kind(getattr(self, name)))
-        object.__setattr__(self, "unfreeze", tuple(self.unfreeze))
-        if self.epochs < 1 or self.batch_size < 1:
-            raise FinetuneError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if not 0 < self.test_size < 1 or not 0 < self.val_size < 1:
-            raise FinetuneError(f"test_size and val_size must lie in (0, 1), got {self.test_size}, {self.val_size}")
-
-    def hparams(self) -> dict:
-        """The settings that shape the result (what resume and provenance compare)."""
-        d = dataclasses.asdict(self)
-        for k in ("source", "out", "workers", "device", "epochs", "early_stopping"):
-            d.pop(k)
-        return json.loads(json.dumps(d, default=str))
 
 
 # --- the network ---------------------------------------------------------------------
@@ -116,6 +70,12 @@ def _final_linears(model: nn.Module, aux_heads: tuple[AuxHead, ...]) -> list[str
     for head in aux_heads:
         heads += [n for n in linears if n.split(".")[0] == head.module][-1:]
     return heads
+
+
+def _build_flags(model: nn.Module, family) -> dict[str, bool]:
+    """The builder flags a checkpoint must be rebuilt with: GoogLeNet/Inception's
+    ``transform_input``, which is on only for networks that descend from ImageNet weights."""
+    return {"transform_input": bool(model.transform_input)} if family.transform_input else {}
 
 
 def build_network(config: FinetuneConfig, n_classes: int) -> tuple[nn.Module, list[str], Preprocessing, dict]:
@@ -327,6 +287,40 @@ def _feature_loader(model: nn.Module, head: str, loader, prepare, *, shuffle: bo
                                        generator=torch.Generator().manual_seed(seed))
 
 
+def split_rows(ids: np.ndarray, y: np.ndarray, config: FinetuneConfig) -> dict[str, np.ndarray]:
+    """Positions of the ``"train"``, ``"val"`` and ``"test"`` rows, each sorted int64.
+
+    ``ids``: (n,) str; ``y``: (n,) int class indices, classes in sorted label order. The
+    test rows are the probe's: :func:`~embedpipe.probe.linear.split_by_id` with the same
+    ``test_size`` and seed holds out the same images that ``embedpipe probe`` holds out of
+    their embeddings, so fine-tuned and frozen accuracies are measured on the same images.
+    Validation is held out of the rest the same way. Both draw over ids, so the order the
+    records come in changes nothing.
+    """
+    from .probe.linear import split_by_id
+
+    ids = np.asarray(ids, dtype=object)
+    train, test = split_by_id(ids, y, fraction=config.test_size, seed=config.seed)
+    fit, val = split_by_id(
+        ids[train], y[train], fraction=config.val_size, seed=config.seed, held_out="validation"
+    )
+    return {"train": train[fit], "val": train[val], "test": test}
+
+
+def _seed_epoch(seed: int, epoch: int, loader: torch.utils.data.DataLoader) -> None:
+    """Seed all of one epoch's randomness from (``seed``, ``epoch``) alone.
+
+    The loader's generator draws the shuffle and the seeds of its workers (their
+    augmentation); torch's global RNGs (CPU and CUDA) draw augmentation in this process
+    and dropout. An epoch then draws the same numbers whether the run got there in one go
+    or resumed, so a run resumed after any epoch ends with the weights of an uninterrupted
+    one (bit for bit on a CPU) without saving any RNG state.
+    """
+    epoch_seed = int(np.random.SeedSequence((seed, epoch)).generate_state(1)[0])
+    loader.generator.manual_seed(epoch_seed)
+    torch.manual_seed(epoch_seed)
+
+
 @dataclass
 class FinetuneResult:
     out: str
@@ -336,6 +330,10 @@ class FinetuneResult:
     epochs_run: int
     skipped_images: int
     classes: list[str]
+
+
+_RESUME_FORMAT = 2
+"""Layout of ``last.pt``; 2 added the scaler and early-stopping state and seeds each epoch."""
 
 
 def _save(path: Path, obj: dict) -> None:
@@ -350,8 +348,6 @@ def finetune(config: FinetuneConfig, *, progress: bool = False) -> FinetuneResul
     Re-running the same command after a crash resumes from ``last.pt``; a finished run
     is not repeated. A different configuration in the same ``--out`` is refused.
     """
-    from .probe import stratified_split
-
     config.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     records = open_source(config.source)
@@ -364,10 +360,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = False) -> FinetuneResul
     aux_heads = get_spec(config.backbone).family_row.aux_heads
     records, skipped = _readable(records, p)
     y_all = np.array([classes.index(r.label) for r in records])
-    # the probe's split: the same seed and fraction hold out the same test rows
-    train_idx, test_idx = stratified_split(y_all, fraction=config.test_size, seed=config.seed)
-    fit, val = stratified_split(y_all[train_idx], fraction=config.val_size, seed=config.seed, held_out="validation")
-    parts = {"train": train_idx[fit], "val": train_idx[val], "test": test_idx}
+    parts = split_rows(np.array([r.id for r in records], dtype=object), y_all, config)
 
     trainable = trainable_prefixes(config, heads)
     freeze(model, trainable)
@@ -396,61 +389,72 @@ def finetune(config: FinetuneConfig, *, progress: bool = False) -> FinetuneResul
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     meta = {"base_backbone": config.backbone, "base_weights": weights, "mode": config.mode.value,
-            "hparams": config.hparams(), "classes": classes, "heads": heads}
+            "hparams": config.hparams(), "classes": classes, "heads": heads,
+            # how the network was built, so that extract builds it the same way again
+            "build": _build_flags(model, get_spec(config.backbone).family_row)}
 
     history: list[dict] = []
-    start, best = 0, {"epoch": -1, "val_accuracy": -1.0}
+    start, best, stale = 0, {"epoch": -1, "val_accuracy": -1.0}, 0
     last = config.out / "last.pt"
     if last.exists():
         state = torch.load(last, map_location="cpu", weights_only=True)
+        if state.get("format") != _RESUME_FORMAT:
+            raise FinetuneError(f"{last} was written by an older embedpipe and cannot resume exactly; "
+                                "delete it to start over, or choose another --out")
         if state["meta"]["hparams"] != meta["hparams"] or state["meta"]["base_backbone"] != config.backbone:
             raise FinetuneError(f"{config.out} holds a run with other settings; choose another --out")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        start, history, best = state["epoch"] + 1, state["history"], state["best"]
-        torch.set_rng_state(state["rng"])
+        if state["scaler"]:  # empty when saved on a CPU, where the scaler is off
+            scaler.load_state_dict(state["scaler"])
+        start, history, best, stale = state["epoch"] + 1, state["history"], state["best"], state["stale"]
         log.info("resuming %s at epoch %d", config.out, start + 1)
 
     from tqdm.auto import tqdm
 
-    stale = 0
-    for epoch in range(start, config.epochs):
-        t0 = time.perf_counter()
-        set_train_mode(net, trainable)
-        seen, correct, total_loss = 0, 0, 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        for x, y in bar:
-            y = y.to(device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                loss, logits = _loss(net(prepare(x)), y, criterion, aux_heads)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            seen += len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            total_loss += loss.item() * len(y)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-        val_loss, val_acc = evaluate(net, val_loader, prepare)
-        row = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
-               "val_loss": val_loss, "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"],
-               "seconds": time.perf_counter() - t0}
-        history.append(row)
-        log.info("epoch %d: %s", epoch + 1, row)
-        # ties in accuracy (common on small validation sets) go to the lower loss
-        if (val_acc, -val_loss) > (best["val_accuracy"], -best.get("val_loss", math.inf)):
-            best, stale = {"epoch": epoch + 1, "val_accuracy": val_acc, "val_loss": val_loss}, 0
-            _save(config.out / "checkpoint.pt", {"state_dict": model.state_dict(), "embedpipe_finetune": {**meta, **best}})
-        else:
-            stale += 1
-        _save(last, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "history": history, "best": best, "meta": meta, "rng": torch.get_rng_state()})
-        _write_history(config.out, history)
-        if config.early_stopping is not None and stale >= config.early_stopping:
-            log.info("early stopping after epoch %d", epoch + 1)
-            break
+    # each epoch seeds torch's RNGs (see _seed_epoch); the caller's states are restored after
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for epoch in range(start, config.epochs):
+            # checked before the epoch, so that resuming a run that stopped early stays stopped
+            if config.early_stopping is not None and stale >= config.early_stopping:
+                log.info("early stopping: no better validation in the %d epochs after epoch %d", stale, best["epoch"])
+                break
+            t0 = time.perf_counter()
+            _seed_epoch(config.seed, epoch, train_loader)
+            set_train_mode(net, trainable)
+            seen, correct, total_loss = 0, 0, 0.0
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+            for x, y in bar:
+                y = y.to(device)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                    loss, logits = _loss(net(prepare(x)), y, criterion, aux_heads)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                seen += len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                total_loss += loss.item() * len(y)
+                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+            val_loss, val_acc = evaluate(net, val_loader, prepare)
+            row = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
+                   "val_loss": val_loss, "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"],
+                   "seconds": time.perf_counter() - t0}
+            history.append(row)
+            log.info("epoch %d: %s", epoch + 1, row)
+            # ties in accuracy (common on small validation sets) go to the lower loss
+            if (val_acc, -val_loss) > (best["val_accuracy"], -best.get("val_loss", math.inf)):
+                best, stale = {"epoch": epoch + 1, "val_accuracy": val_acc, "val_loss": val_loss}, 0
+                _save(config.out / "checkpoint.pt",
+                      {"state_dict": model.state_dict(), "embedpipe_finetune": {**meta, **best}})
+            else:
+                stale += 1
+            _save(last, {"format": _RESUME_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                         "history": history, "best": best, "stale": stale, "meta": meta})
+            _write_history(config.out, history)
 
     best_state = torch.load(config.out / "checkpoint.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(best_state["state_dict"])

@@ -13,7 +13,7 @@ from sklearn.preprocessing import StandardScaler
 from embedpipe.cli import main
 from embedpipe.config import ExtractConfig
 from embedpipe.extraction import extract
-from embedpipe.probe import stratified_split
+from embedpipe.probe.linear import split_by_id
 from embedpipe.store import read_embeddings
 
 
@@ -32,7 +32,7 @@ def test_probe_two_backbones_then_rerender(image_folder, tmp_path):
     e = read_embeddings(tmp_path / "resnet18")
     classes = sorted(set(e.labels))
     y = np.array([classes.index(v) for v in e.labels])
-    train, test = stratified_split(y, fraction=0.4, seed=0)
+    train, test = split_by_id(e.ids, y, fraction=0.4, seed=0)
     ref = make_pipeline(StandardScaler(), LogisticRegression(C=m["linear.C"], max_iter=1000)).fit(e.vectors[train], y[train])
     assert abs(ref.score(e.vectors[test], y[test]) - m["linear.top1"]) < 1e-9
     (out / "report.html").unlink()

@@ -36,6 +36,7 @@ from embedpipe.probe import (
     mcnemar_exact,
     run_probe,
 )
+from embedpipe.probe.linear import split_by_id
 
 
 @pytest.fixture(autouse=True)
@@ -367,6 +368,72 @@ def test_rows_are_matched_by_id_not_by_position(digits):
         r_shuffled.datasets[1].linear.predictions, r_same.datasets[1].linear.predictions
     )
     np.testing.assert_array_equal(r_shuffled.split.test_ids, r_same.split.test_ids)
+
+
+def reordered(d, order):
+    """``d`` with its rows stored in ``order``: the same (id, label, vector) triples."""
+    return ProbeInput(d.name, d.ids[order], d.labels[order], d.vectors[order], d.meta)
+
+
+def parts_rewritten(n):
+    """Row order after an incremental extraction rerun: of four Parquet parts, the
+    rewritten first and third now come last."""
+    parts = np.array_split(np.arange(n), 4)
+    return np.concatenate([parts[1], parts[3], parts[0], parts[2]])
+
+
+def without_timings(doc):
+    """``ProbeResults.to_dict()`` less what two identical runs differ in: wall times."""
+    if isinstance(doc, dict):
+        return {
+            k: without_timings(v)
+            for k, v in doc.items()
+            if "seconds" not in k and k != "created_at"
+        }
+    return [without_timings(v) for v in doc] if isinstance(doc, list) else doc
+
+
+def correctness(results, name):
+    """{test id: whether the linear probe of dataset ``name`` got it right}."""
+    d = next(d for d in results.datasets if d.name == name)
+    right = d.linear.predictions == results.split.test_labels
+    return dict(zip(results.split.test_ids.tolist(), right.tolist()))
+
+
+def test_split_by_id_holds_out_the_same_ids_in_any_row_order():
+    ids = np.array([f"{c}/{i:03d}.png" for c in "abc" for i in range(30)], dtype=object)
+    y = np.repeat(np.arange(3), 30)
+    kept, held = split_by_id(ids, y, fraction=0.2, seed=0)
+    assert len(held) == 18 and np.array_equal(np.sort(np.r_[kept, held]), np.arange(90))
+    rng = np.random.default_rng(0)
+    for order in (rng.permutation(90), rng.permutation(90), parts_rewritten(90)):
+        _, moved = split_by_id(ids[order], y[order], fraction=0.2, seed=0)
+        assert sorted(ids[order][moved]) == sorted(ids[held])
+
+
+@pytest.fixture(scope="module")
+def stored_probe(digits):
+    """Two datasets stored in id order (a fresh extraction), and what the probe finds."""
+    X, y = digits
+    inputs = [make_input("pix", X[:400], y[:400]), make_input("half", X[:400, ::2], y[:400])]
+    config = ProbeConfig(knn_ks=(10,), n_jobs=1)
+    return inputs, config, run_probe(inputs, config)
+
+
+@pytest.mark.parametrize("reordering", ["shuffled", "parts rewritten"])
+def test_probe_results_do_not_depend_on_row_order(stored_probe, reordering):
+    inputs, config, stored = stored_probe
+    rng = np.random.default_rng(1)  # each dataset shuffled its own way
+    moved = [
+        reordered(d, rng.permutation(400) if reordering == "shuffled" else parts_rewritten(400))
+        for d in inputs
+    ]
+    results = run_probe(moved, config)
+    np.testing.assert_array_equal(results.split.test_ids, stored.split.test_ids)
+    for name in ("pix", "half"):
+        assert correctness(results, name) == correctness(stored, name)
+    # everything else too: C, validation curves, k-NN, intervals, projection, paired test
+    assert without_timings(results.to_dict()) == without_timings(stored.to_dict())
 
 
 def test_conflicting_labels_for_one_id_are_refused(blobs):

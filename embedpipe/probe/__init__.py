@@ -36,7 +36,7 @@ from .inputs import (
     SplitKind,
 )
 from .knn import CosineKNNClassifier, knn_vote_scores
-from .linear import LinearProbeCV, linear_preprocessing, stratified_split
+from .linear import LinearProbeCV, linear_preprocessing, split_by_id, stratified_split
 from .results import DatasetResult, LinearResult, ProbeResults, Projection, SplitSummary
 from .run import run_probe
 from .stats import (
@@ -53,5 +53,5 @@ __all__ = [
     "LinearProbeCV", "LinearResult", "PairedTest", "ProbeConfig", "ProbeInput",
     "ProbeResults", "Projection", "SplitKind", "SplitSummary", "bootstrap_accuracy_ci",
     "classification_metrics", "knn_vote_scores", "linear_preprocessing", "mcnemar_exact",
-    "run_probe", "stratified_split",
+    "run_probe", "split_by_id", "stratified_split",
 ]

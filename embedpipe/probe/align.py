@@ -67,14 +67,21 @@ def check_inputs(datasets: Sequence[ProbeInput], role: str) -> None:
 
 @dataclass(frozen=True)
 class Aligned:
-    ids: np.ndarray  # (n,) object
+    ids: np.ndarray  # (n,) object, sorted
     labels: np.ndarray  # (n,) object
     vectors: tuple[np.ndarray, ...]  # one (n, D_i) per dataset, rows in ids order
     dropped: tuple[int, ...]  # rows each dataset lost to the alignment
 
 
 def align_datasets(datasets: Sequence[ProbeInput], how: IdAlignment, role: str) -> Aligned:
-    """Rows of every dataset reordered to one id order, the first dataset's."""
+    """Rows of every dataset reordered to one order: their common ids, sorted.
+
+    Sorted, not as stored: the order rows are stored in changes (an incremental
+    extraction moves rewritten Parquet parts to the end) while the images do not, and
+    every fit and draw downstream (splits, L-BFGS sums, neighbour ties, the projection
+    sample) then sees the same rows in the same order, so results depend on the images
+    and the seed alone.
+    """
     indexes = [pd.Index(d.ids) for d in datasets]
     common = indexes[0]
     for index in indexes[1:]:
@@ -95,6 +102,7 @@ def align_datasets(datasets: Sequence[ProbeInput], how: IdAlignment, role: str) 
                 )
     if len(common) == 0:
         raise IdAlignmentError(f"the {role} embeddings {[d.name for d in datasets]} share no ids")
+    common = common.sort_values()
     rows = [index.get_indexer(common) for index in indexes]
     labels = datasets[0].labels[rows[0]]
     for d, r in zip(datasets[1:], rows[1:]):
@@ -114,7 +122,7 @@ def align_datasets(datasets: Sequence[ProbeInput], how: IdAlignment, role: str) 
             len(common),
             ", ".join(f"{n} from {d.name!r}" for d, n in zip(datasets, dropped)),
         )
-    # already in order (the usual case) -> no copy of the vectors
+    # stored in id order (the usual case) -> no copy of the vectors
     vectors = tuple(
         d.vectors if np.array_equal(r, np.arange(len(d.ids))) else d.vectors[r]
         for d, r in zip(datasets, rows)

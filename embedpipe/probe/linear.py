@@ -64,6 +64,25 @@ def stratified_split(
     return np.sort(kept), np.sort(held)
 
 
+def split_by_id(
+    ids: np.ndarray, y: np.ndarray, *, fraction: float, seed: int | None, held_out: str = "test"
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`stratified_split` drawn over the rows sorted by id, as row positions.
+
+    ``ids``: (n,) unique str; ``y``: (n,) int class indices, classes numbered in sorted
+    label order. Returns two sorted int64 arrays of positions in the given order. Rows as
+    stored move (an incremental extraction rewrites Parquet parts at the end; a manifest
+    lists images in its own order): drawing over ids makes the same (id, label) pairs and
+    seed hold out the same ids in any order, and the probe and fine-tuning, which both
+    split here, hold out the same images.
+    """
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+    kept, held = stratified_split(
+        np.asarray(y)[order], fraction=fraction, seed=seed, held_out=held_out
+    )
+    return np.sort(order[kept]), np.sort(order[held])
+
+
 @dataclass(frozen=True)
 class _PathPoint:
     index: int  # position in the C grid

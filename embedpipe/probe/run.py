@@ -19,7 +19,7 @@ from ..errors import (
 from .align import align_datasets, check_class_counts, check_inputs, label_key, pair_tests
 from .inputs import EXAMPLES, ProbeConfig, ProbeInput, SplitKind
 from .knn import CosineKNNClassifier, knn_vote_scores
-from .linear import LinearProbeCV, linear_preprocessing, run_threads, stratified_split
+from .linear import LinearProbeCV, linear_preprocessing, run_threads, split_by_id
 from .results import DatasetResult, LinearResult, ProbeResults, Projection, SplitSummary
 from .stats import (
     ClassificationMetrics,
@@ -44,8 +44,10 @@ def run_probe(
 
     ``datasets`` are embeddings of the same labelled images by different backbones (or
     layers, or weights). Without ``test``, one seeded stratified split (``test_size``)
-    holds out test rows, identical for every dataset; with ``test``, each dataset is
-    scored on the test dataset of the same provenance and trained on all its rows.
+    holds out test rows, identical for every dataset and drawn over sorted ids (as
+    fine-tuning draws its test split); with ``test``, each dataset is scored on the test
+    dataset of the same provenance and trained on all its rows. Rows are taken in id
+    order, so the results do not depend on the order the datasets store them in.
     Raises :class:`MissingLabelsError`, :class:`IdAlignmentError`, :class:`SplitError` or
     :class:`ProbeInputError` before any fitting when the inputs cannot give a fair
     comparison.
@@ -64,7 +66,9 @@ def run_probe(
     if test is None:
         kind = SplitKind.STRATIFIED
         check_class_counts(y, classes, 3, "one each for training, validation and test")
-        fit_rows, test_rows = stratified_split(y, fraction=config.test_size, seed=config.seed)
+        fit_rows, test_rows = split_by_id(
+            aligned.ids, y, fraction=config.test_size, seed=config.seed
+        )
         check_class_counts(
             y[fit_rows], classes, 2, f"after holding out {config.test_size:g} for testing"
         )
