@@ -33,7 +33,7 @@ from .errors import ReportError
 from .figures import PAGE_CSS
 from .figures import png as figure_png
 from .files import atomic_write_bytes
-from .probe import RESULTS_SCHEMA, ProbeResults
+from .probe import RESULTS_SCHEMA, SMALL_TEST_SET, ProbeResults
 from .provenance import WeightsInfo
 
 logger = logging.getLogger(__name__)
@@ -434,6 +434,8 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
                 "from pretraining."
             )
         )
+    if split["n_test"] < SMALL_TEST_SET:
+        blocks.append(_Warning(small_test_set_warning(split["n_test"])))
     dropped = {n: datasets[n]["rows_dropped"] for n in names if datasets[n]["rows_dropped"]}
     if dropped:
         blocks.append(
@@ -497,11 +499,31 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
                 f"Paired test of the two best, {paired['a']} vs {paired['b']} (exact McNemar on "
                 f"the same {paired['n']} test images): only {paired['a']} right on "
                 f"{paired['a_only']}, only {paired['b']} right on {paired['b_only']}; "
-                f"{_p_value(paired['p_value'])}, {verdict}. Intervals are percentile bootstrap "
-                f"intervals over test images ({config['n_bootstrap']} resamples)."
+                f"{_p_value(paired['p_value'])}, {verdict}. Intervals are Wilson score "
+                "intervals over the test images."
             )
         )
 
+    twins = doc.get("pretrained_vs_random") or []
+    if twins:
+        alpha = 1.0 - config["confidence"]
+        blocks += [
+            _Heading(2, "Does pretraining transfer? Each pretrained embedding vs its random-init twin"),
+            _Table(
+                ("Pretrained", "Random init", "Linear top-1", "Only pretrained right",
+                 "Only random right", "p (exact McNemar)", f"At {100 * alpha:g}%"),
+                tuple(
+                    (
+                        t["a"], t["b"],
+                        f"{_pct(datasets[t['a']]['metrics']['linear.top1'])} vs "
+                        f"{_pct(datasets[t['b']]['metrics']['linear.top1'])}",
+                        str(t["a_only"]), str(t["b_only"]), _p_value(t["p_value"]).removeprefix("p = "),
+                        "significant" if t["p_value"] < alpha else "not significant",
+                    )
+                    for t in twins
+                ),
+            ),
+        ]
     ks = [int(key[1:]) for key in next(iter(datasets.values()))["knn"]]
     blocks += [
         _Heading(
@@ -524,7 +546,7 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
         ),
         _Heading(2, "Figures"),
         _FigureRef(
-            "accuracy", "Test accuracy per embeddings dataset, with its bootstrap interval."
+            "accuracy", "Test accuracy per embeddings dataset, with its Wilson interval."
         ),
         _FigureRef(
             "validation_curve",
@@ -564,6 +586,15 @@ def _preprocessing_text(p: Any) -> str:
         if "mean" in p and "std" in p else ""
     )
     return size + interpolation + stats
+
+
+def small_test_set_warning(n_test: int) -> str:
+    """Why a small test set's numbers need care (the report and the CLI say it alike)."""
+    return (
+        f"Only {n_test} test images: accuracies move in steps of {100 / max(n_test, 1):.1f} points "
+        "and the intervals are wide; differences smaller than the intervals are not shown by "
+        f"these data. Use {SMALL_TEST_SET} or more test images to compare backbones."
+    )
 
 
 def _provenance_table(doc: Mapping[str, Any]) -> _Table:

@@ -197,7 +197,7 @@ def test_finetune_tests_on_the_images_the_probe_tests_on(stripes, tmp_path):
                                               weights="none", resize_size=36, crop_size=32, workers=1)).out)
     order = np.random.default_rng(0).permutation(len(e.ids))  # as after an incremental rerun
     stored = ProbeInput("lenet5", e.ids[order], e.labels[order], e.vectors[order], e.meta)
-    probe = run_probe([stored], ProbeConfig(test_size=0.3, seed=5, Cs=(1.0,), knn_ks=(10,), n_bootstrap=10))
+    probe = run_probe([stored], ProbeConfig(test_size=0.3, seed=5, Cs=(1.0,), knn_ks=(10,)))
 
     records = open_source(stripes)
     classes = sorted({r.label for r in records})

@@ -30,7 +30,7 @@ from embedpipe.probe import (
     ProbeConfig,
     ProbeInput,
     SplitKind,
-    bootstrap_accuracy_ci,
+    accuracy_ci,
     classification_metrics,
     knn_vote_scores,
     mcnemar_exact,
@@ -254,18 +254,45 @@ def test_top5_counts_a_hit_in_the_five_best_classes():
     assert (m.top1, m.top5) == (0.5, 0.5)
 
 
-def test_bootstrap_interval_matches_resampling_rows():
-    correct = np.zeros(200, dtype=bool)
-    correct[:150] = True
-    low, high = bootstrap_accuracy_ci(correct, n_resamples=20_000, confidence=0.95, seed=0)
-    rng = np.random.default_rng(1)
-    resampled = correct[rng.integers(0, 200, (20_000, 200))].mean(axis=1)
-    assert (low, high) == pytest.approx(tuple(np.quantile(resampled, [0.025, 0.975])), abs=0.006)
-    assert low < 0.75 < high
-    assert bootstrap_accuracy_ci(np.ones(50, bool), n_resamples=100, confidence=0.95, seed=0) == (
-        1.0,
-        1.0,
-    )
+def test_accuracy_interval_is_wilsons_and_honest_for_small_sets():
+    """The Wilson score interval, by its formula; 8 of 8 right is not a zero-width [1, 1]."""
+    from scipy.stats import norm
+
+    def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+        z, p = norm.ppf(0.5 + confidence / 2), k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return centre - half, centre + half
+
+    for k, n in ((150, 200), (8, 8), (0, 12), (47, 50)):
+        correct = np.arange(n) < k
+        assert accuracy_ci(correct, confidence=0.95) == pytest.approx(wilson(k, n), abs=1e-9)
+    low, high = accuracy_ci(np.ones(8, bool), confidence=0.95)
+    assert high == pytest.approx(1.0) and low < 0.7
+
+
+def test_each_pretrained_embedding_is_tested_against_its_random_twin():
+    from embedpipe.probe import pretrained_pairs
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:300].astype(np.float32), y[:300].astype(object)
+    ids = np.array([f"d{i}" for i in range(300)], dtype=object)
+    noise = np.random.default_rng(0).normal(size=X.shape).astype(np.float32)
+
+    def meta(backbone, pretrained):
+        return {"backbone": backbone, "layer": "gap", "weights": {"name": "w", "pretrained": pretrained}}
+
+    inputs = [ProbeInput("a-pre", ids, y, X, meta("a", True)), ProbeInput("a-rnd", ids, y, noise, meta("a", False)),
+              ProbeInput("b-pre", ids, y, X[:, ::-1].copy(), meta("b", True)),
+              ProbeInput("b-rnd", ids, y, noise * 2, meta("b", False))]
+    results = run_probe(inputs, ProbeConfig(knn_ks=(10,), Cs=(0.1, 1.0)))
+    assert [(t.a, t.b) for t in results.pretrained_vs_random] == [("a-pre", "a-rnd"), ("b-pre", "b-rnd")]
+    assert pretrained_pairs(results.datasets) == [("a-pre", "a-rnd"), ("b-pre", "b-rnd")]
+    test = results.split.test_labels
+    for t in results.pretrained_vs_random:  # the McNemar counts, recomputed from the predictions
+        by = {d.name: d.linear.predictions == test for d in results.datasets}
+        assert (t.a_only, t.b_only) == (int((by[t.a] & ~by[t.b]).sum()), int((~by[t.a] & by[t.b]).sum()))
+    assert results.to_dict()["pretrained_vs_random"][0]["a"] == "a-pre"
 
 
 def test_mcnemar_exact_p_value():

@@ -157,10 +157,12 @@ def test_top5_columns_are_left_out_with_five_classes_or_fewer(tmp_path):
                             ProbeConfig(knn_ks=(10,)))
     markdown = write_report(results, tmp_path).markdown.read_text()
     assert "Top-5" not in markdown and "top-5" not in markdown
+    assert f"Only {results.split.n_test} test images" in markdown  # a small test set is flagged
 
 
 def test_top5_columns_are_shown_with_more_than_five_classes(report_dir):
-    assert "Top-5" in (report_dir / MARKDOWN_FILE).read_text()
+    text = (report_dir / MARKDOWN_FILE).read_text()
+    assert "Top-5" in text and "test images: accuracies move" not in text  # 120 test images
 
 
 def test_robust_limits_keep_one_outlier_from_squashing_the_rest():

@@ -36,8 +36,8 @@ def probe(embeddings: tuple[Path, ...], out: Path, test_size: float, tests: tupl
           align: str, standardize: bool, l2_normalize: bool, jobs: int, columns: dict | None) -> None:
     """Linear-probe and k-NN evaluation of each EMBEDDINGS dataset, compared in one report
     (embedpipe's datasets, or tables other tools wrote: see --id-column)."""
-    from ..probe import ProbeConfig, ProbeInput, run_probe
-    from ..report import write_report
+    from ..probe import SMALL_TEST_SET, ProbeConfig, ProbeInput, run_probe
+    from ..report import small_test_set_warning, write_report
     from ..tables import Columns, read_any
 
     where = Columns(**columns) if columns else Columns()
@@ -47,11 +47,16 @@ def probe(embeddings: tuple[Path, ...], out: Path, test_size: float, tests: tupl
                          l2_normalize=l2_normalize, n_jobs=jobs)
     results = run_probe(inputs, config, test=test_inputs or None)
     files = write_report(results, out)
+    if results.split.n_test < SMALL_TEST_SET:
+        click.echo(f"warning: {small_test_set_warning(results.split.n_test)}", err=True)
     for name, d in results.to_dict()["datasets"].items():
         m = d["metrics"]
         knn = m.get("knn.k20.top1")
         click.echo(f"{name:>30}: linear top-1 {m['linear.top1']:.3f} (C={m['linear.C']:.3g})"
                    + (f", k-NN k=20 top-1 {knn:.3f}" if knn is not None else ""))
+    for t in results.pretrained_vs_random:
+        click.echo(f"{t.a} vs {t.b}: only pretrained right on {t.a_only}, only random right on "
+                   f"{t.b_only} of {t.n} test images; exact McNemar p = {t.p_value:.2g}")
     click.echo(f"report: {files.html}")
 
 

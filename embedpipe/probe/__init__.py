@@ -38,11 +38,12 @@ from .inputs import (
 from .knn import CosineKNNClassifier, knn_vote_scores
 from .linear import LinearProbeCV, linear_preprocessing, split_by_id, stratified_split
 from .results import DatasetResult, LinearResult, ProbeResults, Projection, SplitSummary
-from .run import run_probe
+from .run import pretrained_pairs, run_probe
 from .stats import (
+    SMALL_TEST_SET,
     ClassificationMetrics,
     PairedTest,
-    bootstrap_accuracy_ci,
+    accuracy_ci,
     classification_metrics,
     mcnemar_exact,
 )
@@ -51,7 +52,7 @@ __all__ = [
     "DINO_KS", "DINO_TEMPERATURE", "KORNBLITH_CS", "PROVENANCE_KEYS", "RESULTS_SCHEMA",
     "ClassificationMetrics", "CosineKNNClassifier", "DatasetResult", "IdAlignment",
     "LinearProbeCV", "LinearResult", "PairedTest", "ProbeConfig", "ProbeInput",
-    "ProbeResults", "Projection", "SplitKind", "SplitSummary", "bootstrap_accuracy_ci",
+    "ProbeResults", "Projection", "SplitKind", "SplitSummary", "SMALL_TEST_SET", "accuracy_ci",
     "classification_metrics", "knn_vote_scores", "linear_preprocessing", "mcnemar_exact",
-    "run_probe", "split_by_id", "stratified_split",
+    "pretrained_pairs", "run_probe", "split_by_id", "stratified_split",
 ]

@@ -58,7 +58,7 @@ class ProbeConfig:
     (L2 first when both); the k-NN probe always uses cosine similarity. ``n_jobs``
     datasets are probed at once (joblib semantics: -1 is every core; with one dataset, its
     ``n_chains`` warm-started C paths run at once instead, see :class:`LinearProbeCV`).
-    ``n_bootstrap`` resamples give the ``confidence`` interval of test accuracy;
+    ``confidence`` is the level of the Wilson interval of test accuracy;
     ``projection_samples`` rows are drawn for the 2-D PCA view. Results do not depend on
     ``n_jobs``.
     """
@@ -75,7 +75,6 @@ class ProbeConfig:
     knn_ks: tuple[int, ...] = DINO_KS
     knn_temperature: float = DINO_TEMPERATURE
     align: IdAlignment = IdAlignment.STRICT
-    n_bootstrap: int = 1000
     confidence: float = 0.95
     projection_samples: int = 2000
     n_jobs: int | None = -1
@@ -93,7 +92,7 @@ class ProbeConfig:
             if not 0.0 < value < 1.0:
                 raise ProbeConfigError(f"{name} must be strictly between 0 and 1, got {value}")
         check_cs(self.Cs)
-        for name in ("max_iter", "n_chains", "n_bootstrap", "projection_samples"):
+        for name in ("max_iter", "n_chains", "projection_samples"):
             if getattr(self, name) < 1:
                 raise ProbeConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.tol <= 0:

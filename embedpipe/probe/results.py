@@ -112,6 +112,8 @@ class ProbeResults:
     ranking: tuple[str, ...]  # dataset names, best linear top-1 first
     paired_test: PairedTest | None  # between the two best, when there are two
     created_at: str
+    #: each pretrained embedding against its random-init twin (same backbone and layer)
+    pretrained_vs_random: tuple[PairedTest, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready document (schema :data:`RESULTS_SCHEMA`)."""
@@ -141,6 +143,7 @@ class ProbeResults:
             "datasets": {d.name: _dataset_dict(d) for d in self.datasets},
             "ranking": list(self.ranking),
             "paired_test": None if self.paired_test is None else asdict(self.paired_test),
+            "pretrained_vs_random": [asdict(t) for t in self.pretrained_vs_random],
         }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
 import numpy as np
@@ -23,7 +23,7 @@ from .linear import LinearProbeCV, linear_preprocessing, run_threads, split_by_i
 from .results import DatasetResult, LinearResult, ProbeResults, Projection, SplitSummary
 from .stats import (
     ClassificationMetrics,
-    bootstrap_accuracy_ci,
+    accuracy_ci,
     classification_metrics,
     mcnemar_exact,
 )
@@ -125,12 +125,14 @@ def run_probe(
     ranked = sorted(
         results, key=lambda r: (-r.linear.metrics.top1, -r.linear.metrics.mean_per_class)
     )
+    correct = {r.name: r.linear.predictions == y_test for r in results}
     paired = None
     if len(ranked) >= 2:
         a, b = ranked[0], ranked[1]
-        paired = mcnemar_exact(
-            a.linear.predictions == y_test, b.linear.predictions == y_test, a=a.name, b=b.name
-        )
+        paired = mcnemar_exact(correct[a.name], correct[b.name], a=a.name, b=b.name)
+    twins = tuple(
+        mcnemar_exact(correct[a], correct[b], a=a, b=b) for a, b in pretrained_pairs(results)
+    )
     split = SplitSummary(
         kind=kind,
         n_train=len(y_fit),
@@ -146,6 +148,7 @@ def run_probe(
         datasets=tuple(results),
         ranking=tuple(r.name for r in ranked),
         paired_test=paired,
+        pretrained_vs_random=twins,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -184,6 +187,23 @@ def _probe_dataset(
     return DatasetResult(d.name, d.provenance, rows_dropped, linear, knn, knn_seconds, projection)
 
 
+def pretrained_pairs(results: Sequence[DatasetResult]) -> list[tuple[str, str]]:
+    """(pretrained, random-init) name pairs of the same backbone and layer: the comparisons
+    that say whether pretraining transfers, each worth its own paired test."""
+    def key(r: DatasetResult) -> tuple:
+        return (r.provenance.get("backbone"), r.provenance.get("layer"))
+
+    def pretrained(r: DatasetResult) -> bool | None:
+        weights = r.provenance.get("weights")
+        return weights.get("pretrained") if isinstance(weights, Mapping) else None
+
+    return [
+        (a.name, b.name)
+        for a in results if pretrained(a) is True
+        for b in results if pretrained(b) is False and key(a) == key(b) and key(a)[0] is not None
+    ]
+
+
 def _linear(
     X_fit: np.ndarray,
     y_fit: np.ndarray,
@@ -209,12 +229,7 @@ def _linear(
     scores = probe.predict_proba(X_test)
     metrics = classification_metrics(y_test, scores)
     predictions = probe.classes_[np.argmax(scores, axis=1)]
-    ci = bootstrap_accuracy_ci(
-        predictions == y_test,
-        n_resamples=config.n_bootstrap,
-        confidence=config.confidence,
-        seed=config.seed,
-    )
+    ci = accuracy_ci(predictions == y_test, confidence=config.confidence)
     result = LinearResult(
         C=probe.C_,
         metrics=metrics,
