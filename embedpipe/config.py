@@ -189,6 +189,8 @@ class ExtractConfig:
     weights: str = "DEFAULT"
     weights_key_map: str | None = None
     layer: Layer = Layer.GAP
+    #: ("stages",) or module paths: one dataset per stage under ``out`` (see extraction.layers)
+    stages: tuple[str, ...] = ()
     device: Device = Device.AUTO
     precision: Precision = Precision.FP32
     batch_size: int | None = None
@@ -214,6 +216,9 @@ class ExtractConfig:
         # accept plain strings and paths from Python callers; store the Enum / Path
         for name, kind in _COERCE.items():
             object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "stages", (self.stages,) if isinstance(self.stages, str) else tuple(self.stages))
+        if self.stages and self.layer != Layer.GAP:
+            raise ValueError(f"layer {self.layer.value!r} and stages {self.stages} both given; choose one")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 1:

@@ -88,9 +88,11 @@ class SourceParam(click.ParamType):
               help="Rename checkpoint keys: a built-in map (lukemelas-efficientnet-lite0, "
               "strip-module), 'old=new' prefixes, or package.module:function.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--layer", type=enum_choice(Layer), default=Layer.GAP.value,
+@click.option("--layer", default=Layer.GAP.value, metavar="gap|penultimate|stages|LAYER,...",
               help="gap: global average pool of the last feature map; penultimate: the input of the "
-              "final classifier layer (fc7 for AlexNet/VGG).")
+              "final classifier layer (fc7 for AlexNet/VGG); stages: every stage's pooled output "
+              "from one forward pass, a dataset each under --out (or stage modules, e.g. "
+              "layer2,layer3).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Default: 8 on CPU, 128 on GPU.")
 @click.option("--device", type=enum_choice(Device), default=Device.AUTO.value,
               help="auto: the GPU when torch sees one, else the CPU.")
@@ -133,6 +135,11 @@ def extract(ctx: click.Context, source: Path | str, **options) -> None:
     Re-running the same command resumes an interrupted run and embeds only new or
     changed images. With --engine ray the same dataset is written by Ray Data actors.
     """
+    layer = options.pop("layer")
+    if layer.lower() in Layer.values():
+        options["layer"] = layer.lower()
+    else:
+        options["stages"] = tuple(part.strip() for part in layer.split(",") if part.strip())
     try:
         config = ExtractConfig(source=source, **options)
     except ValueError as e:

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 
 from ..backbones import Embedder, load_backbone
-from ..config import DEFAULT_MAX_PIXELS, ExtractConfig, Precision
+from ..backbones.stages import stage_embedder
+from ..config import DEFAULT_MAX_PIXELS, ExtractConfig, Layer, Precision
 from ..errors import MetadataMismatchError, ProvenanceError
 from ..images.decode import Decoded, DecodeFailure, EncodedJPEG, decode_file
 from ..images.preprocess import Preprocessing
 from ..provenance import Provenance, WeightsKind
+from .layers import ConcatStages
 from .plan import Runtime, plan
 
 log = logging.getLogger(__name__)
@@ -137,12 +139,12 @@ class BatchEmbedder:
         return emb.cpu().numpy()
 
 
-def _check_same_model(recorded: Provenance, embedder: Embedder) -> None:
+def _check_same_model(recorded: Provenance, loaded: Provenance) -> None:
     """Refuse to embed queries with other weights than the dataset's: a checkpoint
     replaced at the same path (another sha256), a timm ``DEFAULT`` that now names another
     pretrained tag, another layer or preprocessing. Raises :class:`MetadataMismatchError`
     listing each difference."""
-    loaded = dataclasses.replace(embedder.provenance(), normalize=recorded.normalize)
+    loaded = dataclasses.replace(loaded, normalize=recorded.normalize)
     found = recorded.differences(loaded, keys="space", names=("the embeddings", "loaded now"))
     if found:
         raise MetadataMismatchError(
@@ -170,15 +172,21 @@ class QueryEmbedder:
                 "there is no backbone to embed query images with; query with vectors instead"
             )
         weights = provenance.weights
-        embedder = load_backbone(
-            provenance.backbone,
-            weights=weights.argument(),
-            layer=provenance.layer,
-            preprocessing=provenance.preprocessing,
-            seed=weights.seed or 0,
-            key_map=weights.key_map if weights.kind == WeightsKind.CHECKPOINT else None,
-        )
-        _check_same_model(provenance, embedder)
+        key_map = weights.key_map if weights.kind == WeightsKind.CHECKPOINT else None
+        if provenance.layer in Layer.values():
+            embedder = load_backbone(
+                provenance.backbone, weights=weights.argument(), layer=provenance.layer,
+                preprocessing=provenance.preprocessing, seed=weights.seed or 0, key_map=key_map,
+            )
+            loaded = embedder.provenance()
+        else:  # one stage of an `extract --layer stages` run
+            embedder = ConcatStages(stage_embedder(
+                provenance.backbone, weights=weights.argument(), seed=weights.seed or 0,
+                layers=(provenance.layer,), key_map=key_map, input_size=provenance.preprocessing.crop_size,
+            ))
+            embedder.preprocessing = provenance.preprocessing
+            loaded = dataclasses.replace(embedder.provenance(), layer=provenance.layer)
+        _check_same_model(provenance, loaded)
         # the settings that shape the vectors; the device, batch and workers are this machine's
         config = ExtractConfig(
             source=".", out=".", backbone=provenance.backbone, precision=provenance.precision,

@@ -23,12 +23,14 @@ import torch
 
 from .. import __version__
 from ..backbones import Embedder, load_backbone
+from ..backbones.stages import stage_embedder
 from ..config import ExtractConfig
 from ..errors import TooManyErrorsError
 from ..images.decode import DecodeFailure
 from ..images.sources import ImageRecord
 from ..provenance import Provenance
-from ..store import ERRORS_SCHEMA, DatasetWriter, embeddings_table
+from ..store import ERRORS_SCHEMA
+from .layers import ConcatStages, DatasetGroup
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ class ExtractSummary:
         )
 
 
-def build_provenance(embedder: Embedder, config: ExtractConfig, runtime: dict) -> Provenance:
+def build_provenance(embedder: Embedder | ConcatStages, config: ExtractConfig, runtime: dict) -> Provenance:
     """The provenance written into every part: what made the vectors, and how the run
     went (``runtime``: where and how it ran, which engine, devices, batch size)."""
     import PIL
@@ -100,12 +102,20 @@ def error_limit(max_errors: float | None, todo: int) -> int | None:
     return int(max_errors) if max_errors >= 1 or max_errors == 0 else math.ceil(max_errors * todo)
 
 
-def load_embedder(config: ExtractConfig) -> Embedder:
-    """The frozen backbone of a job, with ``--resize-size``/``--crop-size`` applied."""
-    embedder = load_backbone(
-        config.backbone, weights=config.weights, layer=config.layer, seed=config.seed,
-        key_map=config.weights_key_map,
-    )
+def load_embedder(config: ExtractConfig) -> Embedder | ConcatStages:
+    """The frozen backbone of a job (all its stages side by side with ``config.stages``),
+    with ``--resize-size``/``--crop-size`` applied."""
+    if config.stages:
+        layers = "stages" if config.stages == ("stages",) else config.stages
+        embedder = ConcatStages(stage_embedder(
+            config.backbone, weights=config.weights, seed=config.seed, layers=layers,
+            key_map=config.weights_key_map, input_size=config.crop_size,
+        ))
+    else:
+        embedder = load_backbone(
+            config.backbone, weights=config.weights, layer=config.layer, seed=config.seed,
+            key_map=config.weights_key_map,
+        )
     p = embedder.preprocessing
     if config.resize_size or config.crop_size:
         p = replace(p, resize_size=config.resize_size or p.resize_size, crop_size=config.crop_size or p.crop_size)
@@ -114,7 +124,7 @@ def load_embedder(config: ExtractConfig) -> Embedder:
 
 
 def begin(
-    writer: DatasetWriter, records: list[ImageRecord], out: str, runtime: dict
+    writer: DatasetGroup, records: list[ImageRecord], out: str, runtime: dict
 ) -> tuple[list[ImageRecord], ExtractSummary]:
     """What a (re-)run still has to do, and its summary so far: ``(records to embed, summary)``.
 
@@ -177,7 +187,7 @@ class JobWriter:
     into the dataset, counted in the summary, timed, stopped at ``--max-errors``."""
 
     def __init__(
-        self, writer: DatasetWriter, config: ExtractConfig, summary: ExtractSummary, todo: int
+        self, writer: DatasetGroup, config: ExtractConfig, summary: ExtractSummary, todo: int
     ) -> None:
         self.writer, self.config, self.summary = writer, config, summary
         self.limit = error_limit(config.max_errors, todo)
@@ -190,18 +200,17 @@ class JobWriter:
         rows = 0
         if embedded is not None and embedded.records:
             records = embedded.records
-            self.writer.append(
-                embeddings_table(
+            self.writer.append_rows(
+                dict(
                     ids=[r.id for r in records],
                     labels=[r.label for r in records],
-                    vectors=embedded.vectors.astype(self.config.embedding_dtype.value, copy=False),
                     width=embedded.width,
                     height=embedded.height,
                     size=[r.size for r in records],
                     mtime_ns=[r.mtime_ns for r in records],
                     content_hash=embedded.content_hash,
-                    schema=self.writer.schema,
-                )
+                ),
+                embedded.vectors.astype(self.config.embedding_dtype.value, copy=False),
             )
             self.summary.embedded += len(records)
             rows += len(records)

@@ -24,7 +24,6 @@ from ..config import ExtractConfig
 from ..images.decode import Decoded, DecodeFailure, EncodedJPEG
 from ..images.loader import DecodePool
 from ..images.sources import ImageRecord, open_source
-from ..store import DatasetWriter
 from .forward import BatchEmbedder
 from .job import (
     Embedded,
@@ -36,6 +35,7 @@ from .job import (
     load_embedder,
     progress_bar,
 )
+from .layers import open_group
 from .plan import plan
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,8 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
     forward = BatchEmbedder(embedder, runtime, l2_normalize=config.normalize)
     seconds = Counter({"load": time.perf_counter() - t0})
 
-    with DatasetWriter(
-        config.out, provenance.to_json(), overwrite=config.overwrite, part_rows=config.part_rows
+    with open_group(
+        config.out, provenance, embedder, overwrite=config.overwrite, part_rows=config.part_rows
     ) as writer:
         todo, summary = begin(writer, records, str(config.out), dict(provenance.runtime))
         job = JobWriter(writer, config, summary, len(todo))

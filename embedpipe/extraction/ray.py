@@ -43,7 +43,6 @@ from ..images.decode import Decoded
 from ..images.loader import DecodePool
 from ..images.preprocess import Preprocessing
 from ..images.sources import ImageRecord, open_source
-from ..store import DatasetWriter
 from .forward import BatchEmbedder
 from .job import (
     Embedded,
@@ -55,6 +54,7 @@ from .job import (
     load_embedder,
     progress_bar,
 )
+from .layers import open_group
 from .plan import cpu_count, plan
 
 if TYPE_CHECKING:
@@ -357,6 +357,8 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
             "--decode device is for the local engine; on Ray, images are decoded by CPU "
             "actors (use draft or full) and the GPUs only run the model"
         )
+    if config.stages:
+        raise ValueError("--layer stages runs on the local engine for now; leave out --engine ray")
     if config.num_gpus_per_worker and config.device == Device.CPU:
         raise ValueError("--num-gpus-per-worker asks for GPUs, but --device cpu keeps the model off them")
     import_ray()
@@ -373,8 +375,8 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
         del embedder  # the actors load their own
         seconds["load"] = time.perf_counter() - t0
 
-        with DatasetWriter(
-            config.out, provenance.to_json(), overwrite=config.overwrite, part_rows=config.part_rows
+        with open_group(
+            config.out, provenance, None, overwrite=config.overwrite, part_rows=config.part_rows
         ) as writer:
             todo, summary = begin(writer, records, str(config.out), dict(provenance.runtime))
             job = JobWriter(writer, config, summary, len(todo))
