@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # each command module registers its commands on main
 from . import compare, explain, extract, finetune, index, maps, pipeline, probe, serve  # noqa: E402,F401
+from . import curate  # noqa: E402,F401
 from .app import main
 
 __all__ = ["main"]

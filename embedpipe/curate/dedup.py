@@ -1,0 +1,324 @@
+"""Exact and near duplicates inside one set of embeddings, and leakage between two.
+
+Near duplicates are pairs whose cosine similarity reaches ``threshold``, found through
+each row's k nearest neighbours (:func:`~embedpipe.curate.knn.knn_graph`); pairs are
+grouped by connected components, with exact duplicates (equal ``content_hash``) joined
+to them whatever their vectors say.
+
+**Chaining.** Components are transitive: a ~ b and b ~ c put a and c in one group even
+when a and c look nothing alike, and a long enough chain of small edits links a whole
+class. So every group is checked against its representative: a member whose similarity
+to the representative is below ``group_threshold`` (looser than ``threshold``, by
+default ``threshold - 0.05``) leaves the group, and the members that left are grouped
+again among themselves, with the same rule, until every group passes. Splitting was
+chosen over dropping whole groups or tightening the threshold because it keeps the
+genuine near-copies of the representative together and only cuts the chain's far end;
+the looser second threshold keeps a copy that is 0.01 below ``threshold`` to the
+representative (but linked through a closer copy) in its group.
+
+**Representative.** The first id of the group in sorted (string) order: the same group
+whatever the row order, and the same choice on every run. It is the row the keep-list
+keeps.
+
+``k`` bounds how many near copies of one row are found: a row with more than ``k``
+copies still joins them all through the copies' own edges, but a group of more than
+``k + 1`` identical rows may miss edges. The default (10) is far above what photo
+collections hold; raise it for data with many copies of one image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import CurationInputError
+from .knn import knn_graph, knn_search, l2_normalize
+
+#: Cosine similarity from which two images count as near duplicates. Measured on the
+#: planted photo corpus of benchmarks/curation.py --smoke (8 real photos, each also
+#: resized to half size, re-encoded at JPEG quality 30, centre-cropped to 90% and
+#: brightened 10%; EfficientNet-Lite0 with its real ImageNet weights): pairs of versions
+#: of one photo had cosine 0.841-0.99 (median 0.945), pairs of different photos at most
+#: 0.363. At 0.85 pair precision was 1.000 and recall 0.988 (0.90: 1.000 / 0.812); 0.85
+#: is the highest threshold that kept recall near 1, leaving the widest margin for
+#: distinct-but-alike images, which that corpus does not hold (the full run adds them).
+DEFAULT_THRESHOLD = 0.85
+#: how far below ``threshold`` a member may sit from its group's representative
+GROUP_SLACK = 0.05
+DEFAULT_K = 10
+
+#: the columns of :attr:`DedupResult.table`
+COLUMNS = ("id", "group", "group_size", "representative", "similarity_to_representative",
+           "exact_duplicate")
+
+
+@dataclasses.dataclass(frozen=True)
+class DedupResult:
+    """What :func:`dedup` found.
+
+    ``table``: one row per input row, columns :data:`COLUMNS` (``group`` int64 numbered
+    by representative in sorted order, ``similarity_to_representative`` float32, 1.0 for
+    the representative, ``exact_duplicate`` bool: the row's content hash equals another
+    row's in its group). ``nn_similarity``: (N,) float32, each row's similarity to its
+    nearest other row, in input order: the histogram that tells where a threshold falls.
+    """
+
+    table: pd.DataFrame
+    nn_similarity: np.ndarray
+    threshold: float
+    group_threshold: float
+    k: int
+
+    @property
+    def duplicates(self) -> pd.DataFrame:
+        """The rows of groups with more than one member, largest groups first."""
+        dup = self.table[self.table["group_size"] > 1]
+        return dup.sort_values(["group_size", "group", "id"], ascending=[False, True, True],
+                               ignore_index=True)
+
+    @property
+    def keep(self) -> np.ndarray:
+        """(G,) object: the ids to keep, one per group (singletons included), sorted."""
+        t = self.table
+        return np.sort(t.loc[t["id"] == t["representative"], "id"].to_numpy())
+
+    def summary(self) -> dict:
+        """Counts for people and JSON: rows, groups, rows to drop, exact duplicates."""
+        dup = self.duplicates
+        return {
+            "rows": len(self.table),
+            "keep": len(self.keep),
+            "drop": int(len(self.table) - len(self.keep)),
+            "duplicate_groups": int(dup["group"].nunique()),
+            "largest_group": int(dup["group_size"].max()) if len(dup) else 1,
+            "exact_duplicates": int(self.table["exact_duplicate"].sum()),
+            "threshold": self.threshold,
+            "group_threshold": self.group_threshold,
+            "k": self.k,
+        }
+
+
+def similarity_histogram(nn_similarity: np.ndarray, bins: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """``(counts (bins,) int64, edges (bins + 1,) float64)`` of nearest-neighbour
+    similarities over [min(similarity, 0), 1]."""
+    s = np.asarray(nn_similarity, np.float64)
+    low = min(0.0, float(s.min())) if len(s) else 0.0
+    counts, edges = np.histogram(np.clip(s, low, 1.0), bins=bins, range=(low, 1.0))
+    return counts.astype(np.int64), edges
+
+
+def _check_threshold(name: str, value: float) -> float:
+    if not -1.0 <= float(value) <= 1.0:
+        raise CurationInputError(f"{name} must be a cosine similarity in [-1, 1], got {value}")
+    return float(value)
+
+
+def _components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(n,) int component label of each node of the undirected graph given by edges."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def _split_chains(members: np.ndarray, ids: np.ndarray, x: np.ndarray, edges: set | None,
+                  group_threshold: float, exact: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``members`` (row numbers of one component) -> [(rows, similarity to their
+    representative)] groups whose members all reach ``group_threshold`` (or share the
+    representative's content hash)."""
+    out = []
+    todo = members
+    while len(todo):
+        order = todo[np.argsort(ids[todo], kind="stable")]
+        rep = order[0]
+        sim = x[order] @ x[rep]
+        ok = (sim >= group_threshold) | (exact[order] == exact[rep])
+        ok[0] = True
+        out.append((order[ok], sim[ok]))
+        rest = order[~ok]
+        if len(rest) < 2:
+            out.extend((np.array([r]), np.ones(1, np.float32)) for r in rest)
+            break
+        # the members that left form groups again through the edges among themselves
+        pos = {int(r): i for i, r in enumerate(rest)}
+        pairs = [(pos[a], pos[b]) for a, b in edges if a in pos and b in pos]
+        r_, c_ = (np.array(p, np.int64) for p in zip(*pairs)) if pairs else (np.empty(0, np.int64),) * 2
+        labels = _components(len(rest), r_, c_)
+        for lab in np.unique(labels)[1:]:
+            out.extend(_split_chains(rest[labels == lab], ids, x, edges, group_threshold, exact))
+        todo = rest[labels == labels.min()]
+    return out
+
+
+def dedup(
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    content_hashes: np.ndarray | None = None,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    group_threshold: float | None = None,
+    k: int = DEFAULT_K,
+) -> DedupResult:
+    """Group exact and near duplicates.
+
+    ``ids``: (N,) unique str; ``vectors``: (N, D) float (cosine similarity is used,
+    normalisation is done here); ``content_hashes``: (N,) str or None per row, or None.
+    ``threshold``: cosine similarity from which two rows are near duplicates;
+    ``group_threshold`` (default ``threshold - 0.05``): the least similarity to the
+    group's representative a member may have (see the module notes on chaining).
+    """
+    ids = np.asarray(ids, dtype=object)
+    x = l2_normalize(vectors)
+    if len(ids) != len(x):
+        raise CurationInputError(f"{len(ids)} ids for {len(x)} vectors: pass one id per row")
+    if len(pd.Index(ids).unique()) != len(ids):
+        dup = pd.Index(ids)[pd.Index(ids).duplicated()].tolist()[:3]
+        raise CurationInputError(f"ids repeat, e.g. {dup}: deduplicate rows by id first")
+    threshold = _check_threshold("threshold", threshold)
+    group_threshold = _check_threshold(
+        "group_threshold", threshold - GROUP_SLACK if group_threshold is None else group_threshold)
+    if group_threshold > threshold:
+        raise CurationInputError(
+            f"group_threshold {group_threshold} is above threshold {threshold}: it must be "
+            "the looser of the two")
+    n = len(x)
+    if n < 2:
+        raise CurationInputError(f"dedup needs at least 2 rows, got {n}")
+    k = min(int(k), n - 1)
+    neighbours, sims = knn_graph(x, k, normalized=True)
+    rows, cols = np.nonzero(sims >= threshold)
+    rows, cols = rows.astype(np.int64), neighbours[rows, cols]
+    # exact duplicates: a row with no hash (None) matches nothing, not other None rows
+    if content_hashes is None:
+        exact = np.arange(n)
+    else:
+        hashes = pd.Series(np.asarray(content_hashes, dtype=object))
+        codes = pd.factorize(hashes, use_na_sentinel=True)[0]
+        exact = np.where(codes >= 0, codes, -1 - np.arange(n)).astype(np.int64)
+        order = np.argsort(exact, kind="stable")
+        same = exact[order][1:] == exact[order][:-1]
+        rows = np.concatenate([rows, order[1:][same]])
+        cols = np.concatenate([cols, order[:-1][same]])
+    labels = _components(n, rows, cols)
+    sizes = np.bincount(labels)
+    edges_of: dict[int, set] = {}
+    for a, b in zip(rows.tolist(), cols.tolist()):
+        if a != b:
+            edges_of.setdefault(int(labels[a]), set()).add((min(a, b), max(a, b)))
+
+    # singletons in one vectorised step; components of 2+ rows checked for chains
+    single = np.flatnonzero(sizes[labels] == 1)
+    tmp_group = np.empty(n, np.int64)
+    tmp_group[single] = np.arange(len(single))
+    rep_rows = [single]
+    sim_to_rep = np.ones(n, np.float32)
+    next_gid = len(single)
+    for lab in np.flatnonzero(sizes > 1):
+        members = np.flatnonzero(labels == lab)
+        for group, sim in _split_chains(members, ids, x, edges_of.get(int(lab), set()),
+                                        group_threshold, exact):
+            tmp_group[group] = next_gid
+            sim_to_rep[group] = sim
+            rep_rows.append(group[:1])
+            next_gid += 1
+    rep_rows = np.concatenate(rep_rows)
+    # number groups by their representative's id, so numbering ignores row order
+    order = np.argsort(ids[rep_rows].astype(str), kind="stable")
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    group_of = rank[tmp_group]
+    rep_of = rep_rows[tmp_group]
+    size_of = np.bincount(group_of)[group_of]
+    exact_dup = (exact[rep_of] == exact) & (rep_of != np.arange(n))
+    # the representative is an exact duplicate too when any member shares its hash
+    has_exact_member = np.zeros(n, bool)
+    has_exact_member[rep_of[exact_dup]] = True
+    table = pd.DataFrame({
+        "id": ids.astype(str),
+        "group": group_of,
+        "group_size": size_of,
+        "representative": ids[rep_of].astype(str),
+        "similarity_to_representative": np.clip(sim_to_rep, -1, 1).astype(np.float32),
+        "exact_duplicate": exact_dup | has_exact_member,
+    })
+    return DedupResult(table, sims[:, 0].copy(), threshold, group_threshold, k)
+
+
+def dedup_across(
+    ids_a: np.ndarray,
+    vectors_a: np.ndarray,
+    ids_b: np.ndarray,
+    vectors_b: np.ndarray,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> pd.DataFrame:
+    """Leakage: the rows of b whose nearest row of a reaches ``threshold``.
+
+    ``vectors_a``: (Na, D), ``vectors_b``: (Nb, D) float, from the same vector space.
+    Returns a frame ``id`` (of b), ``nearest_id`` (of a), ``similarity`` (float32),
+    most similar first (ties by id).
+    """
+    threshold = _check_threshold("threshold", threshold)
+    ids_a, ids_b = np.asarray(ids_a, dtype=object), np.asarray(ids_b, dtype=object)
+    if len(ids_a) != len(vectors_a) or len(ids_b) != len(vectors_b):
+        raise CurationInputError("pass one id per vector in each set")
+    nearest, sims = knn_search(vectors_b, vectors_a, 1)
+    hit = sims[:, 0] >= threshold
+    out = pd.DataFrame({
+        "id": ids_b[hit].astype(str),
+        "nearest_id": ids_a[nearest[hit, 0]].astype(str),
+        "similarity": sims[hit, 0].astype(np.float32),
+    })
+    return out.sort_values(["similarity", "id"], ascending=[False, True], ignore_index=True)
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+def read_content_hashes(path: str | os.PathLike, ids: np.ndarray) -> np.ndarray:
+    """(N,) object: the ``content_hash`` of each of ``ids`` in the dataset at ``path``
+    (None where the dataset has none), in the order of ``ids``."""
+    import pyarrow.parquet as pq
+
+    from ..store import list_parts
+
+    tables = [pq.read_table(p, columns=["id", "content_hash"]).to_pandas() for p in list_parts(path)]
+    frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+        {"id": [], "content_hash": []})
+    by_id = frame.set_index("id")["content_hash"]
+    return by_id.reindex(pd.Index(np.asarray(ids, dtype=object))).astype(object).where(
+        lambda s: s.notna(), None).to_numpy()
+
+
+def image_paths(meta: dict, ids: np.ndarray) -> dict[str, str] | None:
+    """Where each of ``ids`` lives: under the image folder ``meta["images"]`` records, or
+    as the manifest it records says (ids of a manifest may differ from its paths). None
+    when nothing is recorded, or the folder or manifest is not a local path that exists."""
+    images = meta.get("images")
+    if not images or "://" in str(images):
+        return None
+    p = Path(images)
+    if p.is_dir():
+        return {str(i): str(p / str(i)) for i in ids}
+    if p.is_file() and p.suffix in (".csv", ".parquet"):
+        from ..images.sources import read_manifest
+
+        return {r.id: r.path for r in read_manifest(p)}
+    return None
+
+
+def keep_manifest(result: DedupResult, labels: dict | None = None,
+                  paths: dict[str, str] | None = None) -> pd.DataFrame:
+    """The keep-list as a manifest :func:`embedpipe.images.sources.read_manifest` reads:
+    ``path`` (the image's path from ``paths``, see :func:`image_paths`, else the id),
+    ``id`` (so a re-extraction keeps the ids) and ``label``."""
+    keep = result.keep
+    paths = paths or {}
+    labels = labels or {}
+    return pd.DataFrame({"path": [paths.get(i, str(i)) for i in keep], "id": keep.astype(str),
+                         "label": [labels.get(i) for i in keep]})

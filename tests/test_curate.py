@@ -1,0 +1,407 @@
+"""Curation from embeddings: each result against an independent reference (numpy brute
+force, cleanlab called directly, planted duplicates, flipped labels and far points)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from embedpipe.curate import knn_graph, knn_search
+from embedpipe.curate.dedup import dedup, dedup_across
+from embedpipe.curate.errors import CurationInputError
+
+
+def brute_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """All-pairs cosine similarity in float64: the reference every search is held to."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return a @ b.T
+
+
+def planted(seed: int = 0, n_distinct: int = 60, n_copies: int = 15, dim: int = 32, noise=0.02):
+    """Distinct random directions, plus near copies (vector + small noise) of some of
+    them; returns ids, vectors and the set of planted (original, copy) id pairs."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n_distinct, dim))
+    src = rng.choice(n_distinct, n_copies, replace=False)
+    copies = base[src] + noise * rng.normal(size=(n_copies, dim))
+    x = np.vstack([base, copies]).astype(np.float32)
+    ids = np.array([f"img{i:03d}.jpg" for i in range(len(x))], dtype=object)
+    pairs = {tuple(sorted((ids[s], ids[n_distinct + j]))) for j, s in enumerate(src)}
+    return ids, x, pairs
+
+
+# --- k-NN graph ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,dim,k,block", [(40, 8, 5, 7), (200, 32, 10, 64), (33, 3, 32, 1000)])
+def test_knn_graph_equals_brute_force(n, dim, k, block):
+    x = np.random.default_rng(n).normal(size=(n, dim)).astype(np.float32)
+    nbr, sim = knn_graph(x, k, block_rows=block)
+    ref = brute_cosine(x, x)
+    np.fill_diagonal(ref, -np.inf)
+    ref_sim = -np.sort(-ref, axis=1)[:, :k]
+    assert nbr.shape == sim.shape == (n, k) and nbr.dtype == np.int64 and sim.dtype == np.float32
+    assert not (nbr == np.arange(n)[:, None]).any()  # self excluded
+    np.testing.assert_allclose(sim, ref_sim, atol=1e-5)
+    # the neighbours found have the similarities reported
+    np.testing.assert_allclose(np.take_along_axis(ref, nbr, axis=1), sim, atol=1e-5)
+
+
+def test_knn_graph_excludes_self_among_identical_rows():
+    x = np.random.default_rng(1).normal(size=(20, 4)).astype(np.float32)
+    x[5] = x[6] = x[7] = x[4]
+    nbr, sim = knn_graph(x, 3)
+    assert not (nbr == np.arange(20)[:, None]).any()
+    assert set(nbr[4]) == {5, 6, 7}
+    np.testing.assert_allclose(sim[4], 1.0, atol=1e-6)
+
+
+def test_knn_search_and_bad_input():
+    rng = np.random.default_rng(2)
+    q, db = rng.normal(size=(9, 6)), rng.normal(size=(30, 6))
+    nbr, sim = knn_search(q, db, 4)
+    ref = brute_cosine(q, db)
+    np.testing.assert_array_equal(nbr[:, 0], ref.argmax(axis=1))
+    np.testing.assert_allclose(sim, -np.sort(-ref, axis=1)[:, :4], atol=1e-5)
+    with pytest.raises(CurationInputError, match="k=30 but 30 rows have only 29"):
+        knn_graph(db, 30)
+    with pytest.raises(CurationInputError, match="same backbone"):
+        knn_search(q, db[:, :5], 1)
+    with pytest.raises(CurationInputError, match="NaN"):
+        knn_graph(np.full((3, 2), np.nan), 1)
+
+
+# --- duplicates ----------------------------------------------------------------------
+
+
+def brute_pairs(ids, x, threshold):
+    s = brute_cosine(x, x)
+    i, j = np.nonzero(np.triu(s >= threshold, 1))
+    return {tuple(sorted((ids[a], ids[b]))) for a, b in zip(i, j)}
+
+
+def result_pairs(result):
+    pairs = set()
+    for _, g in result.duplicates.groupby("group"):
+        members = sorted(g["id"])
+        pairs |= {(a, b) for n, a in enumerate(members) for b in members[n + 1:]}
+    return pairs
+
+
+def test_near_duplicate_pairs_equal_brute_force():
+    ids, x, planted_pairs = planted()
+    ref = brute_pairs(ids, x, 0.95)
+    assert ref == planted_pairs  # the fixture plants exactly these, distinct rows stay apart
+    result = dedup(ids, x, threshold=0.95)
+    assert result_pairs(result) == ref
+    t = result.table
+    assert set(result.keep) == set(ids) - {b for _, b in ref}  # representative: first id
+    reps = t[t["group_size"] > 1]
+    assert (reps["similarity_to_representative"] >= 0.95 - 1e-6).all()
+    assert not t["exact_duplicate"].any()
+    np.testing.assert_allclose(result.nn_similarity,
+                               np.sort(brute_cosine(x, x) - 2 * np.eye(len(x)), 1)[:, -1], atol=1e-5)
+
+
+def test_exact_duplicates_by_content_hash():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, 16)).astype(np.float32)
+    ids = np.array([f"{c}.png" for c in "abcdefgh"], dtype=object)
+    hashes = np.array(["h1", "h2", "h1", None, "h3", "h2", None, "h1"], dtype=object)
+    result = dedup(ids, x, hashes, threshold=0.99)  # vectors differ: only the hashes join
+    t = result.table.set_index("id")
+    assert t.loc[["a.png", "c.png", "h.png"], "representative"].eq("a.png").all()
+    assert t.loc[["b.png", "f.png"], "representative"].eq("b.png").all()
+    assert t["exact_duplicate"].to_dict() == {
+        "a.png": True, "b.png": True, "c.png": True, "d.png": False,
+        "e.png": False, "f.png": True, "g.png": False, "h.png": True}
+    # rows without a hash are not duplicates of each other
+    assert t.loc["d.png", "group_size"] == t.loc["g.png", "group_size"] == 1
+    assert list(result.keep) == ["a.png", "b.png", "d.png", "e.png", "g.png"]
+
+
+def test_groups_stable_under_row_order():
+    ids, x, _ = planted(seed=4)
+    x[70] = x[3] + 0.01  # a group of three
+    first = dedup(ids, x, threshold=0.95).table.set_index("id").sort_index()
+    perm = np.random.default_rng(5).permutation(len(ids))
+    second = dedup(ids[perm], x[perm], threshold=0.95).table.set_index("id").sort_index()
+    pd.testing.assert_frame_equal(first[["group", "group_size", "representative"]],
+                                  second[["group", "group_size", "representative"]])
+    np.testing.assert_allclose(first["similarity_to_representative"],
+                               second["similarity_to_representative"], atol=1e-6)
+
+
+def test_chains_are_split_at_the_representative():
+    # a chain a - b - c - d of small steps: neighbours pass the threshold, ends do not
+    rng = np.random.default_rng(6)
+    u, v = rng.normal(size=(2, 64))
+    v -= u * (u @ v) / (u @ u)
+    u, v = u / np.linalg.norm(u), v / np.linalg.norm(v)
+    angles = np.radians([0, 14, 28, 42])  # cos 14 deg = 0.970
+    x = np.array([np.cos(a) * u + np.sin(a) * v for a in angles], np.float32)
+    x = np.vstack([x, rng.normal(size=(10, 64))]).astype(np.float32)
+    ids = np.array(["a", "b", "c", "d"] + [f"z{i}" for i in range(10)], dtype=object)
+    result = dedup(ids, x, threshold=0.96, group_threshold=0.90, k=3)
+    t = result.table.set_index("id")
+    # cos(28) = 0.883 < 0.90: c leaves a's group and starts its own with d
+    assert t.loc["b", "representative"] == "a"
+    assert t.loc["c", "representative"] == t.loc["d", "representative"] == "c"
+    unguarded = dedup(ids, x, threshold=0.96, group_threshold=-1.0, k=3).table.set_index("id")
+    assert unguarded.loc["d", "representative"] == "a"  # what the guard prevents
+
+
+def test_leakage_equals_brute_force():
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(80, 24)).astype(np.float32)
+    b = rng.normal(size=(40, 24)).astype(np.float32)
+    b[::5] = a[rng.choice(80, 8, replace=False)] + 0.03 * rng.normal(size=(8, 24))
+    ids_a = np.array([f"train/{i}" for i in range(80)], dtype=object)
+    ids_b = np.array([f"test/{i}" for i in range(40)], dtype=object)
+    leaks = dedup_across(ids_a, a, ids_b, b, threshold=0.9)
+    s = brute_cosine(b, a)
+    hit = s.max(axis=1) >= 0.9
+    assert set(leaks["id"]) == set(ids_b[hit]) and hit.sum() == 8
+    ref = dict(zip(ids_b[hit], ids_a[s[hit].argmax(axis=1)]))
+    assert dict(zip(leaks["id"], leaks["nearest_id"])) == ref
+    np.testing.assert_allclose(leaks.set_index("id").loc[list(ref), "similarity"],
+                               s[hit].max(axis=1), atol=1e-5)
+
+
+# --- the command line ----------------------------------------------------------------
+
+
+def write_dataset(out, ids, vectors, *, labels=None, hashes=None, images=None, backbone="toy"):
+    from embedpipe.store import DatasetWriter, embeddings_table
+
+    meta = {"backbone": backbone, "layer": "gap", "dim": int(vectors.shape[1])}
+    if images is not None:
+        meta["images"] = str(images)
+    n = len(ids)
+    with DatasetWriter(out, meta) as w:
+        w.append(embeddings_table(
+            ids=list(ids), labels=list(labels) if labels is not None else [None] * n,
+            vectors=np.asarray(vectors, np.float32), width=[1] * n, height=[1] * n, size=[1] * n,
+            mtime_ns=[0] * n, content_hash=list(hashes) if hashes is not None else [None] * n,
+            schema=w.schema))
+    return out
+
+
+def test_dedup_command_writes_files_and_a_readable_keep_list(tmp_path):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+    from conftest import make_image
+
+    from embedpipe.cli import main
+    from embedpipe.images.sources import read_manifest
+
+    ids, x, pairs = planted(seed=8, n_distinct=20, n_copies=4)
+    images = tmp_path / "images"
+    for i, image_id in enumerate(ids):
+        make_image(images / image_id, size=(40, 30), seed=i, fmt="JPEG")
+    shutil.copy(images / ids[0], images / "copy_of_0.jpg")  # an exact duplicate file
+    ids = np.append(ids, "copy_of_0.jpg")
+    x = np.vstack([x, x[:1] * 0.5 + np.float32(0.3)])  # vectors differ; the hash joins them
+    hashes = [f"h{i}" for i in range(len(ids) - 1)] + ["h0"]
+    emb = write_dataset(tmp_path / "emb", ids, x, labels=["cat"] * len(ids), hashes=hashes,
+                        images=images)
+    out = tmp_path / "dups"
+    r = CliRunner().invoke(main, ["dedup", str(emb), "--out", str(out), "--threshold", "0.95"])
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in out.iterdir()} >= {"duplicates.parquet", "keep.csv", "index.html",
+                                               "summary.json"}
+    dup = pd.read_parquet(out / "duplicates.parquet")
+    assert {tuple(sorted(g["id"])) for _, g in dup.groupby("group")} == (
+        {p for p in pairs if ids[0] not in p} | {tuple(sorted([ids[0], "copy_of_0.jpg", *(
+            b for a, b in pairs if a == ids[0])]))})
+    records = read_manifest(out / "keep.csv")
+    dropped = set(dup["id"]) - set(dup["representative"])
+    assert {r.id for r in records} == set(ids) - dropped
+    assert all(Path(r.path).is_file() and r.label == "cat" for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["drop"] == len(dropped) == 5 and summary["exact_duplicates"] == 2
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/jpeg;base64") == len(dup) and "data:image/png;base64" in page
+
+    # leakage of the first 6 rows into a "test" set
+    test = write_dataset(tmp_path / "test", [f"t{i}" for i in range(8)],
+                         np.vstack([x[:6] + 0.001, np.random.default_rng(0).normal(size=(2, 32))]))
+    r = CliRunner().invoke(main, ["dedup", str(test), "--out", str(tmp_path / "leak"),
+                                  "--across", str(emb), "--threshold", "0.95"])
+    assert r.exit_code == 0, r.output
+    leak = pd.read_parquet(tmp_path / "leak" / "leakage.parquet")
+    assert set(leak["id"]) == {f"t{i}" for i in range(6)} and "leakage: 6 images" in r.output
+
+
+def test_dedup_across_refuses_another_space(tmp_path):
+    from click.testing import CliRunner
+
+    from embedpipe.cli import main
+
+    x = np.random.default_rng(0).normal(size=(5, 4))
+    a = write_dataset(tmp_path / "a", list("abcde"), x)
+    b = write_dataset(tmp_path / "b", list("vwxyz"), x, backbone="other")
+    r = CliRunner().invoke(main, ["dedup", str(b), "--out", str(tmp_path / "o"), "--across", str(a)])
+    assert r.exit_code == 1 and "different spaces" in r.output and "backbone" in r.output
+
+
+def test_cli_defaults_match_the_library():
+    from embedpipe.cli import curate as cli
+    from embedpipe.curate import dedup as lib
+
+    assert (cli.DEFAULT_THRESHOLD, cli.DEFAULT_K) == (lib.DEFAULT_THRESHOLD, lib.DEFAULT_K)
+
+
+# --- audit: label errors and outliers ------------------------------------------------
+
+
+def test_label_issue_ranking_equals_cleanlab_called_directly():
+    from conftest import require
+
+    from embedpipe.curate.audit import label_issues
+
+    filt = require("cleanlab", "the confident-learning reference").filter
+    rng = np.random.default_rng(9)
+    y = np.repeat(np.arange(3), 20)
+    probs = rng.dirichlet(np.ones(3), size=60)
+    probs[np.arange(60), y] += 1.5  # mostly confident and right...
+    wrong = np.array([4, 25, 47, 48])
+    # ...except these: self-confidence ranks them 4, 25, 47, 48; the margin would not
+    probs[wrong] = 0.0
+    probs[wrong, y[wrong]] = [0.01, 0.05, 0.10, 0.20]
+    probs[wrong, (y[wrong] + 1) % 3] = [0.80, 0.93, 0.88, 0.83]
+    probs[wrong, (y[wrong] + 2) % 3] = [0.19, 0.02, 0.02, 0.02]
+    probs /= probs.sum(axis=1, keepdims=True)
+    classes = np.array(["cat", "dog", "eel"])
+    ids = np.array([f"r{i}" for i in range(60)], dtype=object)
+    got = label_issues(ids, classes[y], probs, classes)
+    ref = filt.find_label_issues(y, probs, return_indices_ranked_by="self_confidence")
+    assert got["id"].tolist() == [f"r{i}" for i in ref] and set(ref) >= set(wrong)
+    assert got["rank"].tolist() == list(range(1, len(ref) + 1))
+    assert [i for i in got["id"] if i in {"r4", "r25", "r47", "r48"}] == ["r4", "r25", "r47", "r48"]
+    np.testing.assert_allclose(got["score"], 1 - probs[ref, y[ref]])
+    assert (got["suggested_label"] == classes[probs[ref].argmax(axis=1)]).all()
+
+
+def test_flipped_digit_labels_are_found():
+    """sklearn's 8x8 digits (real scans) with 5% of labels flipped: the top of the
+    ranking is mostly flipped rows (chance is 5%)."""
+    from conftest import require
+    from sklearn.datasets import load_digits
+
+    require("cleanlab", "label-error ranking")
+
+    from embedpipe.curate.audit import audit
+
+    digits = load_digits()
+    rng = np.random.default_rng(10)
+    y = digits.target.astype(str).astype(object)
+    flipped = rng.choice(len(y), int(0.05 * len(y)), replace=False)
+    for i in flipped:
+        y[i] = str((digits.target[i] + rng.integers(1, 10)) % 10)
+    ids = np.array([f"d{i}" for i in range(len(y))], dtype=object)
+    result = audit(ids, digits.data, y, k=10)
+    top = result.label_issues.head(len(flipped))
+    precision = np.isin(top["id"], ids[flipped]).mean()
+    assert precision >= 0.6, precision
+    # the k-NN signal agrees: flipped rows disagree with their neighbours far more
+    knn = result.label_issues.set_index("id")["knn_disagreement"]
+    assert knn.reindex(ids[flipped]).dropna().mean() > 0.8
+
+
+def test_probabilities_are_out_of_fold():
+    """With more dimensions than rows a logistic regression can fit any labelling: only a
+    model that never saw a row can contradict its (wrong) label."""
+    from conftest import require
+
+    from embedpipe.curate.audit import audit
+
+    require("cleanlab", "label-error ranking")
+    rng = np.random.default_rng(13)
+    x = np.vstack([rng.normal(size=(30, 200)) + 1.5 * c for c in range(2)])
+    y = np.array(["a"] * 30 + ["b"] * 30, dtype=object)
+    y[[2, 33, 40]] = ["b", "a", "a"]
+    ids = np.array([f"s{i}" for i in range(60)], dtype=object)
+    result = audit(ids, x, y, k=5)
+    assert set(result.label_issues["id"].head(3)) == {"s2", "s33", "s40"}
+
+
+def test_planted_far_point_is_the_first_outlier():
+    from embedpipe.curate.audit import audit
+
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(3, 16)) * 3
+    x = np.vstack([c + rng.normal(size=(30, 16)) * 0.3 for c in centres])
+    far = -centres.sum(axis=0) + rng.normal(size=16)  # away from every cluster
+    x = np.vstack([x[:40], far, x[40:]])
+    ids = np.array([f"p{i}" for i in range(len(x))], dtype=object)
+    result = audit(ids, x, None, k=5)
+    assert result.outliers["id"].iloc[0] == "p40"
+    assert result.label_issues.empty and "no labels" in result.note
+    ref = brute_cosine(x, x) - 2 * np.eye(len(x))
+    ref_dist = 1 - np.sort(ref, axis=1)[:, -5]
+    np.testing.assert_allclose(result.outliers.set_index("id").loc[ids, "distance"], ref_dist, atol=1e-5)
+
+
+def test_missing_cleanlab_names_the_extra(monkeypatch):
+    import sys
+
+    from embedpipe.curate.audit import audit
+    from embedpipe.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "cleanlab", None)
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)
+    x = np.random.default_rng(0).normal(size=(20, 4))
+    with pytest.raises(MissingDependencyError, match=r'pip install "embedpipe\[curate\]"'):
+        audit(np.arange(20).astype(str), x, np.array(["a", "b"] * 10, dtype=object))
+
+
+def test_audit_command_writes_tables_and_page(tmp_path):
+    from click.testing import CliRunner
+    from conftest import require
+
+    from embedpipe.cli import main
+
+    require("cleanlab", "label-error ranking")
+    rng = np.random.default_rng(12)
+    x = np.vstack([rng.normal(size=(25, 8)) + 4 * np.eye(8)[c] for c in range(2)])
+    labels = ["a"] * 25 + ["b"] * 25
+    labels[3] = "b"  # one wrong label
+    emb = write_dataset(tmp_path / "emb", [f"i{n:02d}" for n in range(50)], x, labels=labels)
+    r = CliRunner().invoke(main, ["audit", str(emb), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    issues = pd.read_parquet(tmp_path / "a" / "label_issues.parquet")
+    assert tuple(issues.columns) == ("id", "given_label", "suggested_label", "score", "rank",
+                                     "knn_disagreement")
+    assert issues["id"].iloc[0] == "i03" and issues["suggested_label"].iloc[0] == "a"
+    assert len(pd.read_parquet(tmp_path / "a" / "outliers.parquet")) == 50
+    assert "i03" in (tmp_path / "a" / "index.html").read_text()
+
+
+def test_keep_list_follows_a_manifest_source(tmp_path):
+    """Ids of a manifest need not be paths: the keep-list gives each id its manifest path."""
+    from conftest import make_image
+
+    from embedpipe.curate.run import dedup_dataset
+    from embedpipe.images.sources import read_manifest
+
+    for n in range(4):
+        make_image(tmp_path / "pics" / f"file{n}.png", seed=n)
+    pd.DataFrame({"path": [f"pics/file{n}.png" for n in range(4)],
+                  "id": [f"x{n}" for n in range(4)]}).to_csv(tmp_path / "m.csv", index=False)
+    x = np.random.default_rng(14).normal(size=(4, 8))
+    x[3] = x[0]
+    emb = write_dataset(tmp_path / "emb", [f"x{n}" for n in range(4)], x, images=tmp_path / "m.csv")
+    _, files = dedup_dataset(emb, tmp_path / "out")
+    records = read_manifest(files["keep"])
+    assert [(r.id, Path(r.path).name) for r in records] == [
+        ("x0", "file0.png"), ("x1", "file1.png"), ("x2", "file2.png")]
+    assert (tmp_path / "out" / "index.html").read_text().count("data:image/jpeg") == 2
