@@ -180,3 +180,7 @@ class PipelineError(EmbedpipeError, ValueError):
 
 class MissingDependencyError(EmbedpipeError, ImportError):
     """An optional extra (``embedpipe[ray]``, ``embedpipe[serve]``) that is not installed."""
+
+
+class CurationInputError(EmbedpipeError, ValueError):
+    """Vectors, labels, thresholds or datasets that curation cannot work on as given."""

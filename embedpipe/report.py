@@ -484,6 +484,32 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
             )
         )
     blocks.append(_Table(headers, tuple(rows)))
+    leakage = {n: datasets[n].get("leakage") for n in names}
+    if any(leakage.values()):
+        n_test = split["n_test"]
+        threshold = next(v for v in leakage.values() if v)["threshold"]
+        leaked_any = any(v and v["test_rows"] for v in leakage.values())
+        blocks += [
+            _Paragraph(
+                f"Train/test leakage: test images whose nearest training image is a near duplicate "
+                f"(cosine >= {threshold:g} in that embedding: the same picture resized or recompressed "
+                "on both sides of the split). Accuracy without them is what a careful reader wants."
+            ),
+            _Table(
+                ("Embeddings", "Leaked test images", "Linear top-1", "Linear top-1 without them"),
+                tuple(
+                    (n, f"{v['test_rows']} of {n_test}", _pct(datasets[n]["metrics"]["linear.top1"]),
+                     _pct(v["linear.top1_leak_free"]))
+                    for n, v in leakage.items() if v
+                ),
+            ),
+        ]
+        if leaked_any:
+            blocks.append(_Warning(
+                "Some test images have near duplicates among the training images; their ids are in "
+                "results.json (datasets.NAME.leakage.test_ids). `embedpipe dedup EMB --out DUPS` lists "
+                "every group."
+            ))
     paired = doc["paired_test"]
     if paired is None:
         blocks.append(_Paragraph("One embeddings dataset only: there is no paired comparison."))

@@ -11,7 +11,7 @@ import pytest
 
 from embedpipe.curate import knn_graph, knn_search
 from embedpipe.curate.dedup import dedup, dedup_across
-from embedpipe.curate.errors import CurationInputError
+from embedpipe.errors import CurationInputError
 
 
 def brute_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

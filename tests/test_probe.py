@@ -520,3 +520,31 @@ def test_too_few_rows_per_class_are_refused(blobs):
 def test_invalid_config_is_refused(bad):
     with pytest.raises(ProbeConfigError, match=next(iter(bad))):
         ProbeConfig(**bad)
+
+
+def test_leaked_test_rows_equal_a_brute_force_cross_split_check():
+    """Planted near copies of training rows in the test set are found; accuracy without
+    them is reported beside the headline."""
+    from embedpipe.config import DUPLICATE_SIMILARITY
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:400].astype(np.float32), y[:400]
+    ids = np.array([f"d{i:03d}" for i in range(400)], dtype=object)
+    first = run_probe([ProbeInput("pix", ids, y.astype(object), X, {})], ProbeConfig(knn_ks=(10,), Cs=(1.0,)))
+    test_ids = set(first.split.test_ids)
+    train = [i for i in range(400) if ids[i] not in test_ids]
+    X2 = X.copy()
+    planted = [i for i in range(400) if ids[i] in test_ids][:7]
+    for j, i in enumerate(planted):  # a test digit becomes a near copy of a training one
+        X2[i] = X[train[j]] * 1.01
+    result = run_probe([ProbeInput("pix", ids, y.astype(object), X2, {})], ProbeConfig(knn_ks=(10,), Cs=(1.0,)))
+    d = result.datasets[0]
+    unit = X2 / np.linalg.norm(X2, axis=1, keepdims=True)
+    test_rows = [list(ids).index(i) for i in result.split.test_ids]
+    train_rows = [i for i in range(400) if ids[i] not in set(result.split.test_ids)]
+    nearest = (unit[test_rows] @ unit[train_rows].T).max(axis=1)
+    np.testing.assert_array_equal(d.leaked, nearest >= DUPLICATE_SIMILARITY)
+    assert {ids[i] for i in planted} <= set(result.split.test_ids[d.leaked])
+    doc = result.to_dict()["datasets"]["pix"]
+    assert doc["leakage"]["test_rows"] == int(d.leaked.sum())
+    assert doc["metrics"]["linear.top1_leak_free"] == d.top1_leak_free

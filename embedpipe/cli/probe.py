@@ -54,6 +54,11 @@ def probe(embeddings: tuple[Path, ...], out: Path, test_size: float, tests: tupl
         knn = m.get("knn.k20.top1")
         click.echo(f"{name:>30}: linear top-1 {m['linear.top1']:.3f} (C={m['linear.C']:.3g})"
                    + (f", k-NN k=20 top-1 {knn:.3f}" if knn is not None else ""))
+    for d in results.datasets:
+        if d.leaked is not None and d.leaked.any():
+            without = "n/a (all leaked)" if d.top1_leak_free is None else f"{d.top1_leak_free:.3f}"
+            click.echo(f"{d.name}: {int(d.leaked.sum())} of {d.leaked.size} test images have a near "
+                       f"duplicate in training; linear top-1 without them {without}", err=True)
     for t in results.pretrained_vs_random:
         click.echo(f"{t.a} vs {t.b}: only pretrained right on {t.a_only}, only random right on "
                    f"{t.b_only} of {t.n} test images; exact McNemar p = {t.p_value:.2g}")

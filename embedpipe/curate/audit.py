@@ -25,8 +25,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from ..errors import MissingDependencyError
-from .errors import CurationInputError
+from ..errors import CurationInputError, MissingDependencyError
 from .knn import knn_graph, l2_normalize
 
 DEFAULT_K = 10

@@ -35,18 +35,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import CurationInputError
+from ..config import DUPLICATE_SIMILARITY
+from ..errors import CurationInputError
 from .knn import knn_graph, knn_search, l2_normalize
 
-#: Cosine similarity from which two images count as near duplicates. Measured on the
-#: planted photo corpus of benchmarks/curation.py --smoke (8 real photos, each also
-#: resized to half size, re-encoded at JPEG quality 30, centre-cropped to 90% and
-#: brightened 10%; EfficientNet-Lite0 with its real ImageNet weights): pairs of versions
-#: of one photo had cosine 0.841-0.99 (median 0.945), pairs of different photos at most
-#: 0.363. At 0.85 pair precision was 1.000 and recall 0.988 (0.90: 1.000 / 0.812); 0.85
-#: is the highest threshold that kept recall near 1, leaving the widest margin for
-#: distinct-but-alike images, which that corpus does not hold (the full run adds them).
-DEFAULT_THRESHOLD = 0.85
+#: the near-duplicate threshold (measured: see embedpipe.config.DUPLICATE_SIMILARITY)
+DEFAULT_THRESHOLD = DUPLICATE_SIMILARITY
 #: how far below ``threshold`` a member may sit from its group's representative
 GROUP_SLACK = 0.05
 DEFAULT_K = 10

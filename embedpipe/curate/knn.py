@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import CurationInputError
+from ..errors import CurationInputError
 
 #: queries per FAISS call: 8192 x 512 float32 queries are 16 MiB, results are small
 BLOCK_ROWS = 8192

@@ -12,6 +12,7 @@ import faiss
 import numpy as np
 import sklearn
 
+from ..config import DUPLICATE_SIMILARITY
 from .inputs import RESULTS_SCHEMA, ProbeConfig, SplitKind
 from .stats import ClassificationMetrics, PairedTest
 
@@ -66,6 +67,10 @@ class DatasetResult:
     knn: dict[int, ClassificationMetrics | None]
     knn_seconds: float
     projection: Projection
+    #: (n_test,) bool: test rows whose nearest training row is a near duplicate
+    #: (cosine >= embedpipe.config.DUPLICATE_SIMILARITY), and linear top-1 without them
+    leaked: np.ndarray | None = None
+    top1_leak_free: float | None = None
 
     def flat_metrics(self) -> dict[str, float | None]:
         """The headline numbers under their stable dotted names (``linear.top1``, ...)."""
@@ -86,6 +91,9 @@ class DatasetResult:
             out[f"knn.k{k}.mean_per_class"] = None if knn is None else knn.mean_per_class
             out[f"knn.k{k}.macro_f1"] = None if knn is None else knn.macro_f1
         out["knn.seconds"] = self.knn_seconds
+        if self.leaked is not None:
+            out["leakage.test_rows"] = int(self.leaked.sum())
+            out["linear.top1_leak_free"] = self.top1_leak_free
         return out
 
 
@@ -140,11 +148,22 @@ class ProbeResults:
                 "test_ids": [str(i) for i in split.test_ids],
                 "test_labels": split.test_labels.tolist(),
             },
-            "datasets": {d.name: _dataset_dict(d) for d in self.datasets},
+            "datasets": {d.name: {**_dataset_dict(d), "leakage": _leakage(d, split)} for d in self.datasets},
             "ranking": list(self.ranking),
             "paired_test": None if self.paired_test is None else asdict(self.paired_test),
             "pretrained_vs_random": [asdict(t) for t in self.pretrained_vs_random],
         }
+
+
+def _leakage(d: DatasetResult, split: SplitSummary) -> dict[str, Any] | None:
+    if d.leaked is None:
+        return None
+    return {
+        "threshold": DUPLICATE_SIMILARITY,
+        "test_rows": int(d.leaked.sum()),
+        "test_ids": [str(i) for i in split.test_ids[d.leaked]],
+        "linear.top1_leak_free": d.top1_leak_free,
+    }
 
 
 def _metrics_detail(m: ClassificationMetrics) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pandas as pd
 from joblib import delayed, effective_n_jobs
 from sklearn.decomposition import PCA
 
+from ..config import DUPLICATE_SIMILARITY
 from ..errors import (
     ProbeInputError,
 )
@@ -176,6 +177,9 @@ def _probe_dataset(
     linear, probe = _linear(*fit, *test, config, n_jobs=n_jobs)
     knn, knn_seconds = _knn(*fit, *test, n_classes, config)
     projection = _projection(probe, *sample, config.seed)
+    leaked = leaked_test_rows(fit[0], test[0])
+    clean = ~leaked
+    top1_leak_free = float((linear.predictions[clean] == test[1][clean]).mean()) if clean.any() else None
     logger.info(
         "%r: linear top-1 %.4f (C=%.3g, %.1fs), k-NN top-1 %s",
         d.name,
@@ -184,7 +188,17 @@ def _probe_dataset(
         linear.fit_seconds,
         ", ".join(f"k={k} {m.top1:.4f}" for k, m in knn.items() if m is not None),
     )
-    return DatasetResult(d.name, d.provenance, rows_dropped, linear, knn, knn_seconds, projection)
+    return DatasetResult(d.name, d.provenance, rows_dropped, linear, knn, knn_seconds, projection,
+                         leaked, top1_leak_free)
+
+
+def leaked_test_rows(X_fit: np.ndarray, X_test: np.ndarray) -> np.ndarray:
+    """(n_test,) bool: test rows whose nearest training row is a near duplicate (cosine >=
+    :data:`~embedpipe.config.DUPLICATE_SIMILARITY`): the same picture resized or
+    recompressed on both sides of the split, which inflates accuracy."""
+    knn = CosineKNNClassifier().fit(X_fit, np.zeros(len(X_fit), dtype=np.int64))
+    similarities, _ = knn.kneighbors(X_test, 1)
+    return similarities[:, 0] >= DUPLICATE_SIMILARITY
 
 
 def pretrained_pairs(results: Sequence[DatasetResult]) -> list[tuple[str, str]]:
