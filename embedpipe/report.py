@@ -583,7 +583,7 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
         _FigureRef(
             "projection",
             "First two principal components of up to "
-            f"{config['projection_samples']} rows, after the linear probe's preprocessing.",
+            f"{config['projection_samples']} L2-normalised rows (cosine geometry).",
         ),
     ]
     if len(split["classes"]) <= _MAX_TICK_CLASSES:

@@ -174,9 +174,9 @@ def _probe_dataset(
         test[1].size,
         fit[0].shape[1],
     )
-    linear, probe = _linear(*fit, *test, config, n_jobs=n_jobs)
+    linear = _linear(*fit, *test, config, n_jobs=n_jobs)
     knn, knn_seconds = _knn(*fit, *test, n_classes, config)
-    projection = _projection(probe, *sample, config.seed)
+    projection = _projection(*sample, config.seed)
     leaked = leaked_test_rows(fit[0], test[0])
     clean = ~leaked
     top1_leak_free = float((linear.predictions[clean] == test[1][clean]).mean()) if clean.any() else None
@@ -226,7 +226,7 @@ def _linear(
     config: ProbeConfig,
     *,
     n_jobs: int | None,
-) -> tuple[LinearResult, LinearProbeCV]:
+) -> LinearResult:
     preprocessing = linear_preprocessing(
         standardize=config.standardize, l2_normalize=config.l2_normalize
     )
@@ -258,7 +258,7 @@ def _linear(
         search_seconds=probe.search_seconds_,
         refit_seconds=probe.refit_seconds_,
     )
-    return result, probe
+    return result
 
 
 def _knn(
@@ -294,10 +294,13 @@ def _knn(
     return out, time.perf_counter() - start
 
 
-def _projection(probe: LinearProbeCV, X: np.ndarray, labels: np.ndarray, seed: int) -> Projection:
-    """PCA of rows as the linear probe sees them (after its preprocessing)."""
-    seen = probe.best_estimator_[:-1].transform(np.asarray(X, dtype=np.float64))
+def _projection(X: np.ndarray, labels: np.ndarray, seed: int) -> Projection:
+    """PCA of the L2-normalised rows: the cosine geometry the k-NN probe and search use,
+    and ``embedpipe map --method pca``'s. (The linear probe's standardisation would let a
+    nearly constant feature, scaled up, take all the variance.)"""
+    x = np.asarray(X, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
     pca = PCA(n_components=2, random_state=seed)
-    points = pca.fit_transform(seen).astype(np.float32)
+    points = pca.fit_transform(x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
     ratio = pca.explained_variance_ratio_
     return Projection(points, labels.astype(np.int64), (float(ratio[0]), float(ratio[1])))
