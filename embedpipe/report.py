@@ -504,7 +504,16 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
                 ),
             ),
         ]
-        if leaked_any:
+        flagged = max((v["test_rows"] for v in leakage.values() if v), default=0)
+        if flagged > LEAKAGE_SUSPICIOUS * n_test:
+            blocks.append(_Warning(
+                f"Up to {flagged} of {n_test} test images count as near duplicates at cosine "
+                f"{threshold:g}: in these embeddings distinct images of one kind are that close (the "
+                "threshold was measured on resized and recompressed photos). Read these counts as an "
+                "upper bound, or set a threshold that suits your images (ProbeConfig.duplicate_similarity; "
+                "`embedpipe dedup` shows the similarity histogram)."
+            ))
+        elif leaked_any:
             blocks.append(_Warning(
                 "Some test images have near duplicates among the training images; their ids are in "
                 "results.json (datasets.NAME.leakage.test_ids). `embedpipe dedup EMB --out DUPS` lists "
@@ -612,6 +621,11 @@ def _preprocessing_text(p: Any) -> str:
         if "mean" in p and "std" in p else ""
     )
     return size + interpolation + stats
+
+
+#: a larger share of test rows flagged as near duplicates is a threshold that does not fit
+#: the embeddings, not leakage
+LEAKAGE_SUSPICIOUS = 0.2
 
 
 def small_test_set_warning(n_test: int) -> str:

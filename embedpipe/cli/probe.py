@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..config import IdAlignment
+from ..config import DUPLICATE_SIMILARITY, IdAlignment
 from ._common import enum_choice, friendly_errors, table_columns
 from .app import main
 
@@ -30,10 +30,14 @@ def _names(paths: tuple[Path, ...]) -> list[str]:
 @click.option("--standardize/--no-standardize", default=True, help="Standardise features for the linear probe.")
 @click.option("--l2-normalize", is_flag=True, help="L2-normalise features for the linear probe.")
 @click.option("--jobs", type=int, default=-1, help="Datasets probed at once (-1: every core).")
+@click.option("--duplicate-similarity", type=click.FloatRange(-1, 1), default=DUPLICATE_SIMILARITY,
+              help="Cosine from which a test image's nearest training image counts as a near "
+              "duplicate (train/test leakage).")
 @table_columns
 @friendly_errors
 def probe(embeddings: tuple[Path, ...], out: Path, test_size: float, tests: tuple[Path, ...], seed: int,
-          align: str, standardize: bool, l2_normalize: bool, jobs: int, columns: dict | None) -> None:
+          align: str, standardize: bool, l2_normalize: bool, jobs: int, duplicate_similarity: float,
+          columns: dict | None) -> None:
     """Linear-probe and k-NN evaluation of each EMBEDDINGS dataset, compared in one report
     (embedpipe's datasets, or tables other tools wrote: see --id-column)."""
     from ..probe import SMALL_TEST_SET, ProbeConfig, ProbeInput, run_probe
@@ -44,7 +48,7 @@ def probe(embeddings: tuple[Path, ...], out: Path, test_size: float, tests: tupl
     inputs = [ProbeInput.from_embeddings(read_any(p, where), name=n) for p, n in zip(embeddings, _names(embeddings))]
     test_inputs = [ProbeInput.from_embeddings(read_any(p, where), name=n) for p, n in zip(tests, _names(tests))]
     config = ProbeConfig(test_size=test_size, seed=seed, align=IdAlignment(align), standardize=standardize,
-                         l2_normalize=l2_normalize, n_jobs=jobs)
+                         l2_normalize=l2_normalize, n_jobs=jobs, duplicate_similarity=duplicate_similarity)
     results = run_probe(inputs, config, test=test_inputs or None)
     files = write_report(results, out)
     if results.split.n_test < SMALL_TEST_SET:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Choice, IdAlignment
+from ..config import DUPLICATE_SIMILARITY, Choice, IdAlignment
 from ..errors import (
     ProbeConfigError,
 )
@@ -76,6 +76,8 @@ class ProbeConfig:
     knn_temperature: float = DINO_TEMPERATURE
     align: IdAlignment = IdAlignment.STRICT
     confidence: float = 0.95
+    #: cosine from which a test row's nearest training row counts as its near duplicate
+    duplicate_similarity: float = DUPLICATE_SIMILARITY
     projection_samples: int = 2000
     n_jobs: int | None = -1
 

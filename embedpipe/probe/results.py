@@ -12,7 +12,6 @@ import faiss
 import numpy as np
 import sklearn
 
-from ..config import DUPLICATE_SIMILARITY
 from .inputs import RESULTS_SCHEMA, ProbeConfig, SplitKind
 from .stats import ClassificationMetrics, PairedTest
 
@@ -148,18 +147,18 @@ class ProbeResults:
                 "test_ids": [str(i) for i in split.test_ids],
                 "test_labels": split.test_labels.tolist(),
             },
-            "datasets": {d.name: {**_dataset_dict(d), "leakage": _leakage(d, split)} for d in self.datasets},
+            "datasets": {d.name: {**_dataset_dict(d), "leakage": _leakage(d, split, self.config.duplicate_similarity)} for d in self.datasets},
             "ranking": list(self.ranking),
             "paired_test": None if self.paired_test is None else asdict(self.paired_test),
             "pretrained_vs_random": [asdict(t) for t in self.pretrained_vs_random],
         }
 
 
-def _leakage(d: DatasetResult, split: SplitSummary) -> dict[str, Any] | None:
+def _leakage(d: DatasetResult, split: SplitSummary, threshold: float) -> dict[str, Any] | None:
     if d.leaked is None:
         return None
     return {
-        "threshold": DUPLICATE_SIMILARITY,
+        "threshold": threshold,
         "test_rows": int(d.leaked.sum()),
         "test_ids": [str(i) for i in split.test_ids[d.leaked]],
         "linear.top1_leak_free": d.top1_leak_free,

@@ -13,7 +13,6 @@ import pandas as pd
 from joblib import delayed, effective_n_jobs
 from sklearn.decomposition import PCA
 
-from ..config import DUPLICATE_SIMILARITY
 from ..errors import (
     ProbeInputError,
 )
@@ -177,7 +176,7 @@ def _probe_dataset(
     linear = _linear(*fit, *test, config, n_jobs=n_jobs)
     knn, knn_seconds = _knn(*fit, *test, n_classes, config)
     projection = _projection(*sample, config.seed)
-    leaked = leaked_test_rows(fit[0], test[0])
+    leaked = leaked_test_rows(fit[0], test[0], config.duplicate_similarity)
     clean = ~leaked
     top1_leak_free = float((linear.predictions[clean] == test[1][clean]).mean()) if clean.any() else None
     logger.info(
@@ -192,13 +191,13 @@ def _probe_dataset(
                          leaked, top1_leak_free)
 
 
-def leaked_test_rows(X_fit: np.ndarray, X_test: np.ndarray) -> np.ndarray:
+def leaked_test_rows(X_fit: np.ndarray, X_test: np.ndarray, threshold: float) -> np.ndarray:
     """(n_test,) bool: test rows whose nearest training row is a near duplicate (cosine >=
-    :data:`~embedpipe.config.DUPLICATE_SIMILARITY`): the same picture resized or
-    recompressed on both sides of the split, which inflates accuracy."""
+    ``threshold``, by default :data:`~embedpipe.config.DUPLICATE_SIMILARITY`): the same
+    picture resized or recompressed on both sides of the split, which inflates accuracy."""
     knn = CosineKNNClassifier().fit(X_fit, np.zeros(len(X_fit), dtype=np.int64))
     similarities, _ = knn.kneighbors(X_test, 1)
-    return similarities[:, 0] >= DUPLICATE_SIMILARITY
+    return similarities[:, 0] >= threshold
 
 
 def pretrained_pairs(results: Sequence[DatasetResult]) -> list[tuple[str, str]]:
