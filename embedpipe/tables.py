@@ -44,10 +44,11 @@ class Columns:
 
 
 def is_embedpipe_dataset(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder (or part) that embedpipe's store wrote."""
+    """Whether ``path`` is a folder (or part) that embedpipe's store wrote, or a folder
+    with no Parquet at all (the store then says what to run)."""
     p = Path(path)
     if p.is_dir():
-        return (p / MANIFEST).is_file() or bool(list_parts(p))
+        return (p / MANIFEST).is_file() or bool(list_parts(p)) or not any(p.rglob("*.parquet"))
     return p.suffix == ".parquet" and p.name.startswith("part-") and (p.parent / MANIFEST).is_file()
 
 

@@ -72,8 +72,9 @@ def test_unknown_backbone_and_bad_choice(image_folder, tmp_path):
                                   "--weights", "none", "--out", str(tmp_path / "e")])
     assert r.exit_code == 1 and "unknown backbone 'resnet5'" in r.output
     r = CliRunner().invoke(main, ["extract", str(image_folder), "--backbone", "resnet18",
-                                  "--layer", "fc9", "--out", str(tmp_path / "e")])
-    assert r.exit_code == 2 and "'fc9' is not one of 'gap', 'penultimate'" in r.output
+                                  "--weights", "none", "--layer", "fc9", "--out", str(tmp_path / "e")])
+    # not gap, penultimate or stages: a stage module, and resnet18 has none by that name
+    assert r.exit_code == 1 and "resnet18 has no module 'fc9'. Did you mean fc?" in r.output
 
 
 def test_a_folder_without_images_is_an_error_and_leaves_nothing(tmp_path):
