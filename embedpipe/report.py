@@ -202,12 +202,55 @@ def _label_colors(n_classes: int) -> ListedColormap:
 
 
 def _figures(doc: Mapping[str, Any]) -> dict[str, bytes]:
-    return {
+    figures = {
         "accuracy": _accuracy_figure(doc),
         "validation_curve": _validation_figure(doc),
         "confusion_matrix": _confusion_figure(doc),
         "projection": _projection_figure(doc),
     }
+    if depth_series(doc):
+        figures["depth"] = _depth_figure(doc)
+    return figures
+
+
+def depth_series(doc: Mapping[str, Any]) -> dict[str, list[tuple[float, str]]]:
+    """Datasets of one backbone and weights at two or more layers, each series as
+    (relative depth, dataset name) shallowest first: a stage records its depth
+    (``extract --layer stages``), gap and penultimate are the end of the network (1.0)."""
+    series: dict[str, list[tuple[float, str]]] = {}
+    for name, entry in doc["datasets"].items():
+        p = entry["provenance"]
+        depth = p.get("depth", 1.0 if p.get("layer") in ("gap", "penultimate") else None)
+        if depth is None or p.get("backbone") is None:
+            continue
+        key = f"{p['backbone']} ({_weights_name(p)})"
+        series.setdefault(key, []).append((float(depth), name))
+    return {k: sorted(v) for k, v in series.items() if len({d for d, _ in v}) >= 2}
+
+
+def _depth_figure(doc: Mapping[str, Any]) -> bytes:
+    """Linear-probe top-1 (with its interval) and k-NN top-1 against relative depth."""
+    datasets, k = doc["datasets"], _headline_k(doc)
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    colours = _label_colors(max(len(depth_series(doc)), 1))
+    for i, (backbone, points) in enumerate(depth_series(doc).items()):
+        x = np.array([d for d, _ in points])
+        m = [datasets[n]["metrics"] for _, n in points]
+        top1 = np.array([v["linear.top1"] for v in m])
+        err = np.vstack([top1 - [v["linear.top1_ci_low"] for v in m], [v["linear.top1_ci_high"] for v in m] - top1])
+        ax.errorbar(x, 100 * top1, yerr=100 * err, marker="o", capsize=3, color=colours(i),
+                    label=f"{backbone}: linear")
+        if k is not None:
+            ax.plot(x, [100 * v[f"knn.k{k}.top1"] for v in m], marker="s", linestyle="--", color=colours(i),
+                    alpha=0.7, label=f"{backbone}: k-NN, k={k}")
+    ax.set_xlabel("relative depth (0 = input, 1 = last stage)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Transfer by depth: a probe per layer", fontsize=10)
+    return _png(fig)
 
 
 def _accuracy_figure(doc: Mapping[str, Any]) -> bytes:
@@ -558,6 +601,23 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
                     for t in twins
                 ),
             ),
+        ]
+    series = depth_series(doc)
+    if series:
+        rows = []
+        for backbone, points in series.items():
+            best = max(points, key=lambda p: datasets[p[1]]["metrics"]["linear.top1"])
+            rows.append((
+                backbone,
+                " · ".join(f"{datasets[n]['provenance'].get('layer')} "
+                           f"{_pct(datasets[n]['metrics']['linear.top1'])}" for _, n in points),
+                f"{datasets[best[1]]['provenance'].get('layer')} (depth {best[0]:g})",
+            ))
+        blocks += [
+            _Heading(2, "Transfer by depth"),
+            _Table(("Backbone", "Linear top-1 per layer, shallow to deep", "Best layer"), tuple(rows)),
+            _FigureRef("depth", "Linear-probe (with its interval) and k-NN accuracy against the "
+                       "relative depth of each layer."),
         ]
     ks = [int(key[1:]) for key in next(iter(datasets.values()))["knn"]]
     blocks += [

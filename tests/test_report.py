@@ -174,3 +174,34 @@ def test_robust_limits_keep_one_outlier_from_squashing_the_rest():
     (lo, hi), outside = robust_limits(points)
     assert (hi - lo).max() < 10  # the cloud's scale, not the outlier's
     assert outside[7] and outside.sum() < 25
+
+
+def test_datasets_of_one_backbone_at_several_depths_get_a_depth_curve(tmp_path):
+    """Stages of `extract --layer stages` record their depth; the report orders them,
+    names the best layer per backbone and draws accuracy against depth."""
+    from embedpipe.report import depth_series
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:300].astype(np.float32), y[:300].astype(object)
+    ids = np.array([f"d{i}" for i in range(300)], dtype=object)
+    rng = np.random.default_rng(0)
+
+    def stage(layer, depth, noise):
+        meta = {"backbone": "resnet18", "layer": layer, "weights": {"name": "w", "pretrained": True}}
+        if depth is not None:
+            meta["depth"] = depth
+        return ProbeInput(layer, ids, y, X + noise * rng.normal(size=X.shape).astype(np.float32), meta)
+
+    inputs = [stage("layer1", 0.25, 30.0), stage("layer2", 0.5, 8.0), stage("layer3", 0.75, 0.5),
+              stage("gap", None, 4.0)]
+    with threadpool_limits(limits=1):
+        results = run_probe(inputs, ProbeConfig(knn_ks=(10,), Cs=(0.01, 1.0)))
+    files = write_report(results, tmp_path)
+    doc = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert depth_series(doc) == {
+        "resnet18 (w)": [(0.25, "layer1"), (0.5, "layer2"), (0.75, "layer3"), (1.0, "gap")]
+    }
+    markdown = files.markdown.read_text()
+    best = max(results.datasets, key=lambda d: d.linear.metrics.top1)
+    assert "## Transfer by depth" in markdown and f"| {best.name} (depth" in markdown
+    assert "(figures/depth.png)" in markdown and (tmp_path / FIGURES_DIR / "depth.png").is_file()

@@ -133,13 +133,16 @@ def open_group(
         writer = DatasetWriter(out, provenance.to_json(), overwrite=overwrite, part_rows=part_rows)
         return DatasetGroup([(writer, slice(None))])
     targets = []
+    depth = {p: round((i + 1) / len(embedder.columns), 4) for i, p in enumerate(embedder.columns)}
     for path, columns in embedder.columns.items():
-        meta = replace(provenance, layer=path, dim=columns.stop - columns.start).to_json()
+        # relative depth (the deepest stage is 1) orders the probe report's depth curve
+        stage = replace(provenance, layer=path, dim=columns.stop - columns.start,
+                        extra={**provenance.extra, "depth": depth[path]})
+        meta = stage.to_json()
         targets.append((DatasetWriter(Path(out) / path, meta, overwrite=overwrite, part_rows=part_rows), columns))
     stages = [
-        {"layer": p, "dim": c.stop - c.start, "depth": round((i + 1) / len(embedder.columns), 4),
-         "dataset": p}
-        for i, (p, c) in enumerate(embedder.columns.items())
+        {"layer": p, "dim": c.stop - c.start, "depth": depth[p], "dataset": p}
+        for p, c in embedder.columns.items()
     ]
     Path(out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps({"backbone": embedder.spec.name, "stages": stages}, indent=2) + "\n",

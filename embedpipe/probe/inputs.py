@@ -146,7 +146,10 @@ class ProbeInput:
     @property
     def provenance(self) -> dict[str, Any]:
         """The metadata that identifies what made these embeddings."""
-        return {key: self.meta.get(key) for key in PROVENANCE_KEYS}
+        out = {key: self.meta.get(key) for key in PROVENANCE_KEYS}
+        if "depth" in self.meta:  # a stage of `extract --layer stages`: where it sits
+            out["depth"] = self.meta["depth"]
+        return out
 
 
 def check_cs(Cs: Sequence[float]) -> None:
