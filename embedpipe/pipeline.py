@@ -161,7 +161,8 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
             names = value if isinstance(value, list) else [value]
             if value is None or not all(isinstance(v, str) for v in names):
                 raise PipelineError(f"{where}.{key} must name {'steps' if key == 'inputs' else 'a step'}")
-            needs += names
+            # "step/layer" names one dataset of a step that wrote several (--layer stages)
+            needs += list(dict.fromkeys(n.split("/", 1)[0] for n in names))
         weights = str(options.get("weights", ""))
         if weights.startswith("step:"):
             needs.append(weights.removeprefix("step:"))

@@ -154,3 +154,25 @@ def test_shipped_pipelines_are_valid():
     assert {f.name for f in files} >= {"demo.toml", "transfer.toml", "image_search.toml", "finetune.toml"}
     for f in files:
         assert load_pipeline(f).steps
+
+
+def test_a_step_that_wrote_several_datasets_is_named_step_slash_layer(tmp_path):
+    body = """
+[pipeline]
+out = "o"
+[datasets.d]
+images = "i"
+[[steps]]
+kind = "extract"
+name = "stages"
+dataset = "d"
+backbone = "lenet5"
+stages = ["stages"]
+[[steps]]
+kind = "probe"
+name = "p"
+inputs = ["stages/features.1", "stages/features.4"]
+"""
+    p = load_pipeline(write(tmp_path, body))
+    probe = [s for s in p.steps if s.name == "p"][0]
+    assert probe.needs == ("stages",) and p.step_dir("stages/features.1") == p.out / "stages" / "features.1"

@@ -2,8 +2,8 @@
 
 The ``gap`` layer is the global average pool of the last feature map; a network's earlier
 stages (ResNet's layer1..layer3, VGG's pool1..pool4) carry less abstract features that
-often transfer better to images far from ImageNet. :func:`stage_embedder` builds the whole
-(uncut) network and puts a forward hook on each stage module: the hook global-average-pools
+often transfer better to images far from ImageNet. :func:`stage_embedder` builds the network
+cut before its head (as ``load_backbone(layer="gap")`` does) and puts a forward hook on each stage module: the hook global-average-pools
 the module's output (B, C, H, W) -> (B, C) as it is produced, so one forward pass yields
 every stage, and the pass stops after the deepest stage (the head is never computed).
 
@@ -19,10 +19,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..config import Layer
 from ..errors import UnknownLayerError, did_you_mean
 from ..images.preprocess import Preprocessing
 from ..provenance import WeightsInfo
-from .embedder import load_classifier
+from .embedder import load_backbone
 from .registry import get_spec
 from .spec import BackboneSpec
 
@@ -156,7 +157,7 @@ def stage_embedder(
     key_map: str | None = None,
     input_size: int | None = None,
 ) -> StageEmbedder:
-    """``name`` with ``weights`` (``"none"``: random init from ``seed``), whole and frozen,
+    """``name`` with ``weights`` (``"none"``: random init from ``seed``), frozen and cut before its head,
     returning pooled activations of ``layers`` from one forward pass.
 
     ``layers``: ``"stages"`` (the family's stages, :attr:`Family.stages`) or module paths /
@@ -176,7 +177,10 @@ def stage_embedder(
         entries = (layers,)
     else:
         entries = tuple(layers)
-    model, info, preprocessing = load_classifier(name, weights=weights, seed=seed, key_map=key_map)
+    # the network cut before its head, as for the gap layer: a checkpoint with another head
+    # (a fine-tuned classifier) loads, and the head's keys are the only ones ignored
+    cut = load_backbone(name, weights=weights, seed=seed, key_map=key_map, layer=Layer.GAP)
+    model, info, preprocessing = cut.model, cut.weights, cut.preprocessing
     size = input_size or preprocessing.crop_size
     x = torch.zeros(1, preprocessing.channels, size, size)
     model.eval()
