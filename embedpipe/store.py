@@ -36,6 +36,7 @@ import re
 import socket
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -229,16 +230,24 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 
 def _vectors(column: pa.ChunkedArray, dim: int, out: np.ndarray) -> None:
-    """Copy a fixed_size_list column into ``out`` (n, dim) without per-row Python."""
+    """Copy a fixed_size_list column into ``out`` (n, dim): one memcpy per chunk (the
+    values are read as a view, never a temporary copy), no per-row Python."""
     offset = 0
     for chunk in column.chunks:
-        flat = chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        values = chunk.flatten()
+        try:
+            flat = values.to_numpy(zero_copy_only=True)
+        except pa.ArrowInvalid:  # nulls or a type numpy cannot view: let pyarrow convert
+            flat = values.to_numpy(zero_copy_only=False)
+        flat = flat.reshape(-1, dim)
         out[offset : offset + len(flat)] = flat
         offset += len(flat)
 
 
 def _check_finite(vectors: np.ndarray, part: Path, ids: np.ndarray) -> None:
-    bad = ~np.isfinite(vectors).all(axis=1)
+    # a float64 row sum is non-finite exactly when a value of the row is (no float32 row
+    # of any width here can overflow it): one pass, no (n, dim) boolean temporary
+    bad = ~np.isfinite(vectors.sum(axis=1, dtype=np.float64))
     if bad.any():
         raise StoreError(
             f"{part} holds {int(bad.sum())} rows with NaN or inf, e.g. id {ids[bad][0]!r}"
@@ -279,18 +288,24 @@ def read_embeddings(path: str | os.PathLike, *, validate: bool = True) -> Embedd
     vectors = np.empty((n, dim), np.float32)
     ids = np.empty(n, dtype=object)
     labels = np.empty(n, dtype=object)
-    offset = 0
-    for part, _, rows in parts:
+    starts = np.cumsum([0, *(rows for _, _, rows in parts)])
+
+    def fill(i: int) -> None:
+        # each part straight into its rows of the preallocated arrays; pyarrow decodes
+        # without the GIL, so parts are read in parallel
+        part, _, rows = parts[i]
         table = read_parquet(part, columns=["id", "label", "embedding"])
         if table.schema.field("embedding").type.list_size != dim:
             raise StoreError(f"{part}: embedding width differs from the declared dim {dim}")
-        sl = slice(offset, offset + rows)
+        sl = slice(starts[i], starts[i] + rows)
         _vectors(table.column("embedding"), dim, vectors[sl])
         ids[sl] = table.column("id").to_numpy()
         labels[sl] = table.column("label").to_numpy()
         if validate:
             _check_finite(vectors[sl], part, ids[sl])
-        offset += rows
+
+    with ThreadPoolExecutor(max_workers=min(len(parts), os.cpu_count() or 1)) as pool:
+        list(pool.map(fill, range(len(parts))))
     if validate:
         _check_unique(ids, path)
     return Embeddings(ids, labels, vectors, meta)
