@@ -96,3 +96,14 @@ def show_pixels(ax, pixels: np.ndarray) -> None:
 def shorten(text: str, width: int = 26) -> str:
     """Keep the end of a long id (the file name), which tells neighbours apart."""
     return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def robust_limits(points: np.ndarray, *, percentile: float = 1.0, pad: float = 0.08):
+    """Axis limits ``((x_lo, y_lo), (x_hi, y_hi))`` spanning the 1st-99th percentile of
+    ``points`` (n, 2) plus a margin, and the (n,) bool mask of points outside them: one
+    stray point no longer squashes a scatter into a stripe."""
+    lo, hi = np.percentile(points, [percentile, 100 - percentile], axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    lo, hi = lo - pad * span, hi + pad * span
+    outside = ((points < lo) | (points > hi)).any(axis=1)
+    return (lo, hi), outside

@@ -30,7 +30,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from .errors import ReportError
-from .figures import PAGE_CSS
+from .figures import PAGE_CSS, robust_limits
 from .figures import png as figure_png
 from .files import atomic_write_bytes
 from .probe import RESULTS_SCHEMA, SMALL_TEST_SET, ProbeResults
@@ -401,17 +401,6 @@ def _projection_figure(doc: Mapping[str, Any]) -> bytes:
         fig.legend(handles=handles, title="label", loc="outside right center", fontsize=8)
     fig.suptitle("PCA projection, coloured by label", fontsize=11)
     return _png(fig)
-
-
-def robust_limits(points: np.ndarray, *, percentile: float = 1.0, pad: float = 0.08):
-    """Axis limits ``((x_lo, y_lo), (x_hi, y_hi))`` spanning the 1st-99th percentile of
-    ``points`` (n, 2) plus a margin, and the (n,) bool mask of points outside them: one
-    stray point no longer squashes a scatter into a stripe."""
-    lo, hi = np.percentile(points, [percentile, 100 - percentile], axis=0)
-    span = np.where(hi > lo, hi - lo, 1.0)
-    lo, hi = lo - pad * span, hi + pad * span
-    outside = ((points < lo) | (points > hi)).any(axis=1)
-    return (lo, hi), outside
 
 
 # --- the document as blocks ----------------------------------------------------------

@@ -24,6 +24,21 @@ def require(module: str, why: str):
         pytest.skip(f"{module} is not installed ({why})", allow_module_level=True)
 
 
+def tiny_dataset(out: Path, vectors: np.ndarray, *, labels=None, meta: dict | None = None) -> Path:
+    """An embeddings dataset at ``out`` written through the store: rows ``00.png``..., the
+    given (n, d) vectors, and a minimal provenance (LeNet-5's gap layer by default)."""
+    from embedpipe.store import DatasetWriter, embeddings_schema, embeddings_table
+
+    n, d = vectors.shape
+    meta = meta or {"backbone": "lenet5", "dim": d, "layer": "gap"}
+    with DatasetWriter(out, meta) as w:
+        w.append(embeddings_table(
+            ids=[f"{i:02d}.png" for i in range(n)], labels=list(labels) if labels is not None else ["x"] * n,
+            vectors=np.asarray(vectors, np.float32), width=[1] * n, height=[1] * n, size=[1] * n,
+            mtime_ns=[1] * n, content_hash=["h"] * n, schema=embeddings_schema(d)))
+    return out
+
+
 def make_image(path: Path, *, size=(64, 48), seed=0, mode="RGB", fmt=None, **save) -> Path:
     """A smooth random image (gradients plus blobs), saved by extension or ``fmt``."""
     rng = np.random.default_rng(seed)

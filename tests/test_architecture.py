@@ -81,14 +81,9 @@ def test_the_cli_starts_without_torch_faiss_or_sklearn(argv):
 
 def test_info_on_a_dataset_imports_neither_torch_nor_faiss(tmp_path):
     import numpy as np
+    from conftest import tiny_dataset
 
-    from embedpipe.store import DatasetWriter, embeddings_schema, embeddings_table
-
-    meta = {"backbone": "lenet5", "dim": 4, "layer": "gap"}
-    with DatasetWriter(tmp_path / "emb", meta) as w:
-        w.append(embeddings_table(ids=["a"], labels=["x"], vectors=np.ones((1, 4), np.float32),
-                                  width=[1], height=[1], size=[1], mtime_ns=[1], content_hash=["h"],
-                                  schema=embeddings_schema(4)))
+    tiny_dataset(tmp_path / "emb", np.ones((1, 4)))
     code = (
         "import sys\n"
         "from embedpipe.cli import main\n"

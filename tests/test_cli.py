@@ -120,14 +120,9 @@ def test_every_option_has_help_and_every_summary_fits():
 
 def test_describing_commands_take_format_json_and_the_json_alias(tmp_path):
     import numpy as np
+    from conftest import tiny_dataset
 
-    from embedpipe.store import DatasetWriter, embeddings_schema, embeddings_table
-
-    meta = {"backbone": "lenet5", "dim": 4, "layer": "gap"}
-    with DatasetWriter(tmp_path / "emb", meta) as w:
-        w.append(embeddings_table(ids=["a"], labels=["x"], vectors=np.ones((1, 4), np.float32),
-                                  width=[1], height=[1], size=[1], mtime_ns=[1], content_hash=["h"],
-                                  schema=embeddings_schema(4)))
+    tiny_dataset(tmp_path / "emb", np.ones((1, 4)))
     by_format = run("info", str(tmp_path / "emb"), "--format", "json").output
     assert json.loads(by_format)["rows"] == 1
     assert run("info", str(tmp_path / "emb"), "--json").output == by_format

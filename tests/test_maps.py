@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import require
+from conftest import require, tiny_dataset
 
 from embedpipe.cli import main
 from embedpipe.config import MapMethod
 from embedpipe.maps import MapParams, build_map, nearest_neighbors, read_map, update_map, write_map
 from embedpipe.provenance import Provenance
-from embedpipe.store import DatasetWriter, embeddings_schema, embeddings_table
 
 
 def clusters(n=300, d=16, seed=0):
@@ -91,11 +90,7 @@ def test_update_places_new_rows_without_moving_the_old(tmp_path):
 
 def test_cli_maps_a_dataset(tmp_path):
     x, labels = clusters(40, d=8)
-    with DatasetWriter(tmp_path / "emb", {"backbone": "lenet5", "dim": 8, "layer": "gap"}) as w:
-        w.append(embeddings_table(
-            ids=[f"{i:02d}.png" for i in range(40)], labels=list(labels), vectors=x.astype(np.float32),
-            width=[1] * 40, height=[1] * 40, size=[1] * 40, mtime_ns=[1] * 40, content_hash=["h"] * 40,
-            schema=embeddings_schema(8)))
+    tiny_dataset(tmp_path / "emb", x, labels=labels)
     r = CliRunner().invoke(main, ["map", str(tmp_path / "emb"), "--out", str(tmp_path / "map"), "--method", "pca",
                                   "-k", "4"])
     assert r.exit_code == 0, r.output

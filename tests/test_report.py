@@ -166,7 +166,7 @@ def test_top5_columns_are_shown_with_more_than_five_classes(report_dir):
 
 
 def test_robust_limits_keep_one_outlier_from_squashing_the_rest():
-    from embedpipe.report import robust_limits
+    from embedpipe.figures import robust_limits
 
     rng = np.random.default_rng(0)
     points = rng.normal(size=(500, 2))
