@@ -7,6 +7,7 @@
     GET  /api/search?id=&k=...  search from a row of the index
     GET  /api/thumbnail?id=&size=            a JPEG thumbnail, cached on disk
     GET  /api/info              the index's metadata
+    GET  /api/map               the points of ``--map`` (ids, label codes, x, y), built once
     GET  /healthz, /metrics     liveness, Prometheus counters and latency histograms
     GET  /openapi.json          the API's OpenAPI description
 
@@ -24,6 +25,7 @@ nothing else in the package imports this module.
 """
 
 
+import gzip
 import hashlib
 import ipaddress
 import json
@@ -35,6 +37,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, NamedTuple
+
+import numpy as np
 
 from .errors import EmbedpipeError, IndexInputError, MissingDependencyError, QueryImagesError
 from .files import atomic_write_bytes
@@ -90,6 +94,7 @@ class ServeConfig:
     cache_dir: Path | None = None  # None: <index>/.thumbnails
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides LOCAL_HOSTS
     max_effort: int | None = None  # None: what the index can use (nlist, EF_SEARCH_MAX)
+    map: Path | None = None  # what `embedpipe map EMB --out MAP` wrote, of the index's embeddings
 
     def to_json(self) -> str:
         return json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()})
@@ -97,8 +102,8 @@ class ServeConfig:
     @classmethod
     def from_json(cls, text: str) -> "ServeConfig":
         d = json.loads(text)
-        for key in ("index", "images", "cache_dir"):
-            if d[key] is not None:
+        for key in ("index", "images", "cache_dir", "map"):
+            if d.get(key) is not None:
                 d[key] = Path(d[key])
         return cls(**{**d, "allowed_hosts": tuple(d["allowed_hosts"])})
 
@@ -272,6 +277,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     if not os.access(cache, os.W_OK):  # found now, not as a 500 on the first thumbnail
         raise IndexInputError(f"the thumbnail cache {cache} is not writable; pass --cache-dir")
     bound = _effort_bound(index, config.max_effort)
+    points = _MapPayload.load(config.map, index) if config.map is not None else None
     hosts = {*LOCAL_HOSTS, *map(_allowed_host, config.allowed_hosts)}
     metrics = _Metrics()
     info = {  # no server paths: clients learn what is searchable, not where it lives
@@ -289,6 +295,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         "weights": _public_weights(provenance.weights),
         "layer": provenance.layer,
         "labels": sorted({str(x) for x in index.labels if x is not None}),
+        "map": points.etag if points else None,  # the page asks for api/map?v=<this>
     }
 
     # no Swagger UI: its assets come from a CDN, which the CSP rightly blocks; /openapi.json stays
@@ -362,6 +369,21 @@ def create_app(config: ServeConfig) -> FastAPI:
     def api_info() -> dict:
         return info
 
+    @app.get("/api/map")
+    def api_map(request: Request) -> Response:
+        """Every point of the map: ``{"ids", "labels" (codes into "label_names"), "x", "y",
+        "label_names"}``, coordinates rounded to 4 decimals; the same bytes every time."""
+        if points is None:
+            raise HTTPException(404, "this server has no map; start it with --map MAP_DIR, "
+                                     "what `embedpipe map EMBEDDINGS --out MAP_DIR` writes")
+        headers = {"ETag": points.etag, "Cache-Control": "public, max-age=86400", "Vary": "Accept-Encoding"}
+        if points.etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            return Response(points.gzipped, media_type="application/json",
+                            headers={**headers, "Content-Encoding": "gzip"})
+        return Response(points.body, media_type="application/json", headers=headers)
+
     @app.get("/api/search")
     def search_by_id(
         id: Annotated[str, Query(description="an id of the index")],
@@ -415,6 +437,39 @@ def create_app(config: ServeConfig) -> FastAPI:
         )
 
     return app
+
+
+class _MapPayload(NamedTuple):
+    """The JSON of ``/api/map``, built once at start-up, gzipped once, and its ETag."""
+
+    body: bytes
+    gzipped: bytes
+    etag: str
+
+    @classmethod
+    def load(cls, map_dir: Path, index: Index) -> "_MapPayload":
+        from .maps import read_map
+
+        m = read_map(map_dir)
+        ids = [str(i) for i in m.ids]
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise IndexInputError(
+                f"the map {map_dir} is not of this index: {len(missing)} of its {len(ids)} ids are "
+                f"not in the index (e.g. {missing[0]!r}); map the embeddings the index was built "
+                "from: embedpipe map EMBEDDINGS --out MAP_DIR"
+            )
+        labels = [None if x is None else str(x) for x in m.labels]
+        names = sorted({x for x in labels if x is not None})
+        if None in labels:
+            names.append(None)
+        code = {name: c for c, name in enumerate(names)}
+        xy = m.xy.astype(np.float64).round(4)
+        body = json.dumps({"ids": ids, "labels": [code[x] for x in labels], "x": xy[:, 0].tolist(),
+                           "y": xy[:, 1].tolist(), "label_names": names},
+                          separators=(",", ":")).encode()
+        etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+        return cls(body, gzip.compress(body, 6, mtime=0), etag)
 
 
 def _public_weights(weights: WeightsInfo | None) -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -12,13 +13,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import make_image, require
 from PIL import Image
-
 
 require("fastapi", "the search service: pip install -e '.[serve]'")
 from fastapi.testclient import TestClient
@@ -415,7 +416,8 @@ def test_the_api_survives_fuzzing_from_its_own_schema(app):
     ids = ["cats/000.jpg", "dogs/005.jpg"]
     operations = [result.ok() for result in schema.get_all_operations()]
     assert sorted(op.label for op in operations) == [
-        "GET /api/info", "GET /api/search", "GET /api/thumbnail", "GET /healthz", "POST /api/search"]
+        "GET /api/info", "GET /api/map", "GET /api/search", "GET /api/thumbnail", "GET /healthz",
+        "POST /api/search"]
     strategies = []
     for operation in operations:
         takes_input = bool(list(operation.query) or list(operation.body))  # else no invalid input exists
@@ -471,6 +473,67 @@ def test_cli_serve_defaults_to_loopback():
     assert host.default == "127.0.0.1"
 
 
+# --- the map view's data -----------------------------------------------------------------
+
+
+def _write_map(emb: Path, out: Path, *, rename: dict | None = None):
+    """A PCA map of ``emb`` in ``out`` (ids renamed by ``rename``), and the map."""
+    from dataclasses import replace
+
+    from embedpipe.maps import MapParams, build_map, write_map
+    from embedpipe.provenance import Provenance
+    from embedpipe.store import read_embeddings
+
+    e = read_embeddings(emb)
+    m = build_map(e.ids, e.labels, e.vectors, MapParams(method="pca"))
+    if rename:
+        m = replace(m, ids=np.array([rename.get(i, i) for i in m.ids], dtype=object))
+    write_map(m, out, provenance=Provenance.from_json(e.meta))
+    return m
+
+
+@pytest.fixture(scope="module")
+def map_client(served):
+    m = _write_map(served / "emb", served / "map")
+    app = create_app(ServeConfig(index=served / "idx", cache_dir=served / "thumbs", map=served / "map",
+                                 allowed_hosts=HOSTS))
+    with TestClient(app) as c:
+        yield c, m
+
+
+def test_the_map_api_serves_every_point_of_the_map(map_client):
+    client, m = map_client
+    r = client.get("/api/map")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    d = r.json()
+    assert d["ids"] == list(m.ids)
+    np.testing.assert_array_equal(d["x"], np.round(m.xy[:, 0].astype(float), 4))
+    np.testing.assert_array_equal(d["y"], np.round(m.xy[:, 1].astype(float), 4))
+    assert [d["label_names"][c] for c in d["labels"]] == list(m.labels)
+    assert d["label_names"] == ["cats", "dogs"] and set(d["labels"]) == {0, 1}
+    # built once: cacheable, revalidated by ETag, which /api/info names for the page's URL
+    assert "max-age" in r.headers["cache-control"] and r.headers["etag"] == client.get("/api/info").json()["map"]
+    assert client.get("/api/map", headers={"If-None-Match": r.headers["etag"]}).status_code == 304
+    assert client.get("/api/map", headers={"Accept-Encoding": "identity"}).json() == d
+
+
+def test_a_map_of_other_ids_is_refused_at_start(served, tmp_path):
+    from embedpipe.errors import IndexInputError
+
+    _write_map(served / "emb", tmp_path / "map", rename={"cats/001.jpg": "cats/999.jpg", "dogs/002.jpg": "x.jpg"})
+    with pytest.raises(IndexInputError, match=r"2 of its 12 ids are not in the index \(e.g. '(cats/999|x)\.jpg'\)"):
+        create_app(ServeConfig(index=served / "idx", cache_dir=served / "thumbs", map=tmp_path / "map"))
+    result = CliRunner().invoke(main, ["serve", str(served / "idx"), "--map", str(tmp_path / "map"),
+                                       "--cache-dir", str(tmp_path / "thumbs")])
+    assert result.exit_code != 0 and "2 of its 12 ids are not in the index" in result.output
+
+
+def test_without_a_map_there_is_no_map(client):
+    r = client.get("/api/map")
+    assert r.status_code == 404 and "--map" in r.json()["detail"]
+    assert client.get("/api/info").json()["map"] is None
+
+
 # --- a real server, a real browser -----------------------------------------------------
 
 
@@ -502,7 +565,9 @@ def live_server(photo_index):
     """The app under uvicorn on a free loopback port, in a thread of this process."""
     import uvicorn
 
-    app = create_app(ServeConfig(index=photo_index / "idx", cache_dir=photo_index / "thumbs"))
+    _write_map(photo_index / "emb", photo_index / "map")
+    app = create_app(ServeConfig(index=photo_index / "idx", cache_dir=photo_index / "thumbs",
+                                 map=photo_index / "map"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -527,6 +592,28 @@ def _chromium() -> str:
     return path
 
 
+@contextlib.contextmanager
+def _browser_page(url: str):
+    """Debian's Chromium through Playwright, on ``url``: ``(page, errors)``, the page's
+    errors and console errors (a CSP refusal included) collected as they come."""
+    sync_api = require("playwright.sync_api", "the browser test")
+    chromium = _chromium()
+    # these machines have no network: keep Chromium from trying (see the env notes)
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+            page.goto(url)
+            yield page, errors
+        finally:
+            browser.close()
+
+
 def _thumbnails_loaded(page) -> None:
     """Every result image fetched and decoded (the page's CSP rules out wait_for_function's
     string evaluation, so: Playwright's own assertions, then one evaluate)."""
@@ -541,66 +628,103 @@ def _thumbnails_loaded(page) -> None:
 @pytest.mark.slow
 def test_the_page_in_a_real_browser(live_server, photo_index, tmp_path):
     sync_api = require("playwright.sync_api", "the browser test")
-    chromium = _chromium()
-    # these machines have no network: keep Chromium from trying (see the env notes)
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=args)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: m.type == "error" and errors.append(m.text))  # CSP too
-            page.goto(live_server + "/")
-            sync_api.expect(page.locator("#info")).to_contain_text("24 images")
-            page.fill("#k", "6")
-            page.set_input_files("#file", str(photo_index / "images" / "chelsea" / "crop.jpg"))
-            cards = page.locator("#results .card")
-            sync_api.expect(cards).to_have_count(6)
-            _thumbnails_loaded(page)
-            first = cards.nth(0).get_attribute("data-id")
-            assert first == "chelsea/crop.jpg"  # the upload is a copy of it
-            assert [cards.nth(i).get_attribute("data-id").split("/")[0] for i in range(3)] == ["chelsea"] * 3
+    with _browser_page(live_server + "/") as (page, errors):
+        sync_api.expect(page.locator("#info")).to_contain_text("24 images")
+        page.fill("#k", "6")
+        page.set_input_files("#file", str(photo_index / "images" / "chelsea" / "crop.jpg"))
+        cards = page.locator("#results .card")
+        sync_api.expect(cards).to_have_count(6)
+        _thumbnails_loaded(page)
+        first = cards.nth(0).get_attribute("data-id")
+        assert first == "chelsea/crop.jpg"  # the upload is a copy of it
+        assert [cards.nth(i).get_attribute("data-id").split("/")[0] for i in range(3)] == ["chelsea"] * 3
 
-            target = cards.nth(4).get_attribute("data-id")
-            cards.nth(4).click()
-            sync_api.expect(page.locator("#status")).to_contain_text(f"neighbours of {target}")
-            sync_api.expect(cards.nth(0)).to_have_attribute("data-id", target)
-            sync_api.expect(cards).to_have_count(6)
-            _thumbnails_loaded(page)
-            page.wait_for_load_state("networkidle")  # nothing late may redraw the grid
-            assert cards.nth(0).get_attribute("data-id") == target
-            assert page.locator("#effort-row").is_hidden()  # an exact index has no effort knob
-            shot = page.screenshot(full_page=True)
+        target = cards.nth(4).get_attribute("data-id")
+        cards.nth(4).click()
+        sync_api.expect(page.locator("#status")).to_contain_text(f"neighbours of {target}")
+        sync_api.expect(cards.nth(0)).to_have_attribute("data-id", target)
+        sync_api.expect(cards).to_have_count(6)
+        _thumbnails_loaded(page)
+        page.wait_for_load_state("networkidle")  # nothing late may redraw the grid
+        assert cards.nth(0).get_attribute("data-id") == target
+        assert page.locator("#effort-row").is_hidden()  # an exact index has no effort knob
+        shot = page.screenshot(full_page=True)
 
-            # a file dropped on the drop zone, as a person drags one from their desktop
-            page.evaluate(
-                """(bytes) => {
-                  const dt = new DataTransfer();
-                  dt.items.add(new File([new Uint8Array(bytes)], "dropped.jpg", {type: "image/jpeg"}));
-                  document.getElementById("drop").dispatchEvent(
-                    new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
-                }""",
-                list((photo_index / "images" / "coffee" / "mirror.jpg").read_bytes()),
-            )
-            sync_api.expect(page.locator("#status")).to_contain_text("neighbours of dropped.jpg")
-            sync_api.expect(cards.nth(0)).to_have_attribute("data-id", "coffee/mirror.jpg")
+        # a file dropped on the drop zone, as a person drags one from their desktop
+        page.evaluate(
+            """(bytes) => {
+              const dt = new DataTransfer();
+              dt.items.add(new File([new Uint8Array(bytes)], "dropped.jpg", {type: "image/jpeg"}));
+              document.getElementById("drop").dispatchEvent(
+                new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+            }""",
+            list((photo_index / "images" / "coffee" / "mirror.jpg").read_bytes()),
+        )
+        sync_api.expect(page.locator("#status")).to_contain_text("neighbours of dropped.jpg")
+        sync_api.expect(cards.nth(0)).to_have_attribute("data-id", "coffee/mirror.jpg")
 
-            # a file that is no image: the server's reason, shown as an error, results kept
-            notes = tmp_path / "notes.jpg"
-            notes.write_text("shopping list")
-            page.set_input_files("#file", str(notes))
-            sync_api.expect(page.locator("#status")).to_contain_text("not_an_image")
-            sync_api.expect(page.locator("#status")).to_have_class("error")
-            sync_api.expect(cards).to_have_count(6)
-            errors = [e for e in errors if "415" not in e]  # the browser logs the refused upload
-            assert not errors, errors
-        finally:
-            browser.close()
+        # a file that is no image: the server's reason, shown as an error, results kept
+        notes = tmp_path / "notes.jpg"
+        notes.write_text("shopping list")
+        page.set_input_files("#file", str(notes))
+        sync_api.expect(page.locator("#status")).to_contain_text("not_an_image")
+        sync_api.expect(page.locator("#status")).to_have_class("error")
+        sync_api.expect(cards).to_have_count(6)
+        errors = [e for e in errors if "415" not in e]  # the browser logs the refused upload
+        assert not errors, errors
     (tmp_path / "serve.png").write_bytes(shot)
     if os.environ.get("EMBEDPIPE_UPDATE_DOCS"):  # `make docs-images` refreshes the docs' copy
         (Path(__file__).parent.parent / "docs" / "images" / "serve.png").write_bytes(shot)
+
+
+@pytest.mark.slow
+def test_the_map_view_in_a_real_browser(live_server, photo_index, tmp_path):
+    sync_api = require("playwright.sync_api", "the browser test")
+    with _browser_page(live_server + "/") as (page, errors):
+        sync_api.expect(page.locator("#tab-map")).to_be_visible()
+        page.fill("#k", "6")
+        page.click("#tab-map")
+        sync_api.expect(page.locator("#map-legend span")).to_have_count(8)  # the photos' folders
+        page.wait_for_load_state("networkidle")
+        page.evaluate("() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
+        assert page.evaluate("() => window.__embedpipeMap.ready()")
+        drawn = page.evaluate("""() => {
+          const c = document.getElementById("map");
+          const px = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+          let n = 0;
+          for (let i = 0; i < px.length; i += 4) if (px[i] < 250 || px[i + 1] < 250 || px[i + 2] < 250) n++;
+          return n;
+        }""")
+        assert drawn > 24 * 9  # 24 points of 6x6 px, some overlapping
+
+        # hover the point farthest from the others, so that none other is nearer the cursor
+        where = page.evaluate("() => window.__embedpipeMap.ids().map((id) => [id, window.__embedpipeMap.screenOf(id)])")
+        xy = np.array([[s["x"], s["y"]] for _, s in where])
+        gaps = np.linalg.norm(xy[:, None] - xy[None], axis=-1) + np.eye(len(xy)) * 1e9
+        target, at = where[int(gaps.min(axis=1).argmax())]
+        page.mouse.move(at["x"] + 1, at["y"] + 1)
+        hover = page.locator("#map-hover")
+        sync_api.expect(hover).to_be_visible()
+        sync_api.expect(hover.locator(".caption")).to_contain_text(target)
+        sync_api.expect(hover.locator(".caption")).to_contain_text(target.split("/")[0])  # its label
+        thumb = hover.locator("img")
+        sync_api.expect(thumb).to_have_attribute("src", "api/thumbnail?" + urlencode({"id": target, "size": 256}))
+        sync_api.expect(thumb).to_have_js_property("complete", True)
+        assert thumb.evaluate("(img) => img.naturalWidth") > 0
+        assert page.locator("img").count() == 2  # the hover's one element (and the hidden query's)
+        shot = page.screenshot(full_page=True)
+
+        page.mouse.click(at["x"], at["y"])
+        cards = page.locator("#results .card")
+        sync_api.expect(page.locator("#map-view")).to_be_hidden()  # back to the results
+        sync_api.expect(page.locator("#status")).to_contain_text(f"neighbours of {target}")
+        sync_api.expect(cards).to_have_count(6)
+        sync_api.expect(cards.nth(0)).to_have_attribute("data-id", target)
+        _thumbnails_loaded(page)
+        assert not errors, errors
+    (tmp_path / "serve-map.png").write_bytes(shot)
+    if os.environ.get("EMBEDPIPE_UPDATE_DOCS"):  # `make docs-images` refreshes the docs' copy
+        (Path(__file__).parent.parent / "docs" / "images" / "serve-map.png").write_bytes(shot)
 
 
 @pytest.mark.slow
