@@ -23,7 +23,7 @@ def test_cpu_defaults_keep_fp32_exact(monkeypatch, cores, workers, threads):
 
     monkeypatch.setattr(planning, "cpu_count", lambda: cores)
     r = plan(cfg(device="cpu"))
-    assert (r.device, r.precision, r.channels_last) == ("cpu", "fp32", False)
+    assert (r.device, r.precision, r.channels_last) == ("cpu", "fp32", True)
     assert (r.workers, r.threads, r.batch_size) == (workers, threads, 8)
     assert r.worker_nice > 0  # decoders yield to the forward pass
 

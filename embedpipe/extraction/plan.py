@@ -72,7 +72,10 @@ def plan(config: ExtractConfig) -> Runtime:
             # leaves instead of preempting it, and sleep when the prefetch window is full.
             workers=config.workers or min(cores, 8),
             threads=cores,
-            channels_last=config.precision != Precision.FP32,
+            # oneDNN runs convolutions faster in NHWC: 45 vs 31 images/s for EfficientNet-Lite0
+            # and 40 vs 29 for resnet18 at batch 8 in fp32, the same vectors up to float32
+            # rounding (max relative difference 1.4e-6)
+            channels_last=True,
             worker_nice=10,
         )
     if config.precision == Precision.BF16 and not torch.cuda.is_bf16_supported():
