@@ -92,15 +92,17 @@ class EmbeddingMap:
             "x": pa.array(self.xy[:, 0], pa.float32()),
             "y": pa.array(self.xy[:, 1], pa.float32()),
             "neighbors": neighbors,
-            "neighbor_ids": pa.array([list(ids[row]) for row in self.neighbors], pa.list_(pa.string())),
+            # the ids column taken at the neighbour rows: no Python loop over rows
+            "neighbor_ids": _lists(pa.array(ids, pa.string()).take(self.neighbors.reshape(-1)), k),
             "neighbor_similarity": _lists(self.similarity.astype(np.float32), k),
         })
 
 
-def _lists(values: np.ndarray, k: int) -> pa.Array:
-    """(n, k) array -> a list<...> column of n rows of k values."""
-    offsets = pa.array(np.arange(0, values.size + 1, k, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)))
+def _lists(values: np.ndarray | pa.Array, k: int) -> pa.Array:
+    """(n, k) values (an array, or an Arrow array of n * k) -> a list column of n rows of k."""
+    flat = values if isinstance(values, pa.Array) else pa.array(np.asarray(values).reshape(-1))
+    offsets = pa.array(np.arange(0, len(flat) + 1, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, flat)
 
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:

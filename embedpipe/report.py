@@ -233,8 +233,9 @@ def _depth_figure(doc: Mapping[str, Any]) -> bytes:
     datasets, k = doc["datasets"], _headline_k(doc)
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = fig.subplots()
-    colours = _label_colors(max(len(depth_series(doc)), 1))
-    for i, (backbone, points) in enumerate(depth_series(doc).items()):
+    series = depth_series(doc)
+    colours = _label_colors(max(len(series), 1))
+    for i, (backbone, points) in enumerate(series.items()):
         x = np.array([d for d, _ in points])
         m = [datasets[n]["metrics"] for _, n in points]
         top1 = np.array([v["linear.top1"] for v in m])

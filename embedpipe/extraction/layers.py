@@ -108,10 +108,12 @@ class DatasetGroup:
         return self.first.labels()
 
     def relabel(self, labels: dict[str, str | None]) -> int:
-        return [w.relabel(labels) for w, _ in self.targets][0]
+        counts = [w.relabel(labels) for w, _ in self.targets]  # every layer, alike
+        return counts[0]
 
     def drop(self, ids: set[str]) -> tuple[int, int]:
-        return [w.drop(ids) for w, _ in self.targets][0]
+        dropped = [w.drop(ids) for w, _ in self.targets]  # every layer, alike
+        return dropped[0]
 
     def append_rows(self, columns: dict, vectors: np.ndarray) -> None:
         """One batch: ``columns`` (ids, labels, width, height, size, mtime_ns,
