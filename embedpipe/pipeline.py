@@ -353,6 +353,11 @@ def _remove_step_output(out: Path, root: Path) -> None:
     if out.is_symlink() or out.resolve().parent != root:
         raise PipelineError(f"refusing to delete {out}: it is not a step folder directly under {root}")
     shutil.rmtree(out)
+    from .store import sidecar  # pyarrow: not needed to plan a run
+
+    bookkeeping = sidecar(out)  # an extract step's errors and journal, beside its output
+    if bookkeeping.is_dir() and not bookkeeping.is_symlink():
+        shutil.rmtree(bookkeeping)
 
 
 def run_pipeline(

@@ -1,7 +1,7 @@
 """What made a set of embeddings: one frozen, typed record, read and written everywhere.
 
 Every dataset part, index and probe result carries it as JSON (the ``embedpipe`` key of
-each Parquet part, ``_embedpipe.json``, ``index.json``'s ``embeddings``). Code reads the
+each Parquet part, the sidecar's ``dataset.json``, ``index.json``'s ``embeddings``). Code reads the
 record, never the JSON by key: :meth:`Provenance.from_json` is the one parser,
 :meth:`~Provenance.to_json` the one writer, :meth:`~Provenance.differences` the one
 comparison and :meth:`~Provenance.describe` the one human-readable line.

@@ -1,24 +1,30 @@
 """Parquet embedding datasets: schema, provenance, crash-safe writes, validated reads.
 
-An output directory looks like this::
+An output looks like this::
 
-    emb/
-      part-000000.parquet     embeddings: id, label, embedding, width, height, ...
-      part-000001.parquet
-      _errors/part-000000.parquet   images that could not be embedded, and why
-      _embedpipe.json         what made this dataset (the same JSON as every part's
-                              ``embedpipe`` metadata key, minus per-part fields)
-      _journal/               rows embedded since the last part, appended per batch
-      _lock                   held (flock) by the job writing here
+    emb/                      the embeddings and nothing else
+      part-000000.parquet     id, label, embedding, width, height, ... (every part's
+      part-000001.parquet     ``embedpipe`` metadata key says what made it)
+    emb.embedpipe/            the job's bookkeeping, beside the dataset
+      dataset.json            what made this dataset (the parts' metadata minus
+                              per-part fields), for a dataset with no parts yet
+      errors/part-000000.parquet    images that could not be embedded, and why
+      journal/embeddings/     rows embedded since the last part, appended per batch
+      journal/errors/         the same for error rows
+      lock                    held (flock) by the job writing here
 
-Readers that treat the folder as one dataset (``pyarrow.dataset``, pandas, DuckDB's
-``read_parquet('emb/*.parquet')``) see only the parts: names starting with ``_`` or
-``.`` are skipped by pyarrow, and the errors live one folder down.
+``emb/`` holds only parts of one schema because that is what every reader accepts as
+one dataset: polars refuses a folder holding any other file (hidden ones included),
+and DuckDB's ``read_parquet('emb')`` also reads Parquet files in hidden subfolders. So
+pandas, polars, DuckDB and pyarrow all open ``emb/`` directly. Moving ``emb/`` alone
+keeps the embeddings whole; a re-run there only retries the images that had failed.
+Folders written before this layout (``emb/_embedpipe.json``, ``emb/_errors/``,
+``emb/_journal/``) stay readable and move to the new layout the next time a job writes.
 
 Crash safety rests on three rules:
 
 1. Every file is written under a hidden temporary name, fsync'ed, then renamed.
-2. Each finished batch is appended to an Arrow IPC stream in ``_journal/`` (a killed
+2. Each finished batch is appended to an Arrow IPC stream in the journal (a killed
    process leaves a readable prefix), so a crash costs at most the batch in flight.
 3. A part that replaces other files (journals it absorbed, parts it rewrote without
    some rows) lists them in its metadata under ``supersedes``. Opening a directory for
@@ -53,10 +59,13 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_KEY = b"embedpipe"
-MANIFEST = "_embedpipe.json"
-ERRORS_DIR = "_errors"
-JOURNAL_DIR = "_journal"
-LOCK = "_lock"
+SIDECAR_SUFFIX = ".embedpipe"
+MANIFEST = "dataset.json"
+ERRORS_DIR = "errors"
+JOURNAL_DIR = "journal"
+LOCK = "lock"
+#: the bookkeeping's names inside the dataset folder before it moved beside it
+LEGACY_MANIFEST, LEGACY_ERRORS, LEGACY_JOURNAL, LEGACY_LOCK = "_embedpipe.json", "_errors", "_journal", "_lock"
 _PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
 
 #: Parts hold about this many bytes of vectors, one row group each: large enough that
@@ -168,6 +177,31 @@ class Embeddings(NamedTuple):
     labels: np.ndarray
     vectors: np.ndarray
     meta: dict
+
+
+def sidecar(path: str | os.PathLike) -> Path:
+    """The bookkeeping folder of the dataset at ``path``: ``emb/`` -> ``emb.embedpipe/``.
+
+    Lexical (symlinks are not resolved), so that the writer and a later reader agree."""
+    p = Path(path)
+    if not p.name:
+        p = Path(os.path.abspath(p))
+    if not p.name:
+        raise StoreError(f"{str(path)!r} cannot hold a dataset: it has no parent folder for {SIDECAR_SUFFIX}/")
+    return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def manifest_path(path: str | os.PathLike) -> Path | None:
+    """Where the dataset at ``path`` records what made it; ``None`` when nowhere."""
+    for m in (sidecar(path) / MANIFEST, Path(path) / LEGACY_MANIFEST):
+        if m.is_file():
+            return m
+    return None
+
+
+def _error_parts(path: str | os.PathLike) -> list[Path]:
+    new, old = sidecar(path) / ERRORS_DIR, Path(path) / LEGACY_ERRORS
+    return sorted((new if new.is_dir() or not old.is_dir() else old).glob("part-*.parquet"))
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
@@ -323,7 +357,7 @@ def read_errors(path: str | os.PathLike):
     """The errors table of a dataset as a DataFrame (empty when there were none)."""
     import pandas as pd
 
-    parts = sorted((Path(path) / ERRORS_DIR).glob("part-*.parquet"))
+    parts = _error_parts(path)
     if not parts:
         return ERRORS_SCHEMA.empty_table().to_pandas()
     return pd.concat([read_parquet(p).to_pandas() for p in parts], ignore_index=True)
@@ -336,7 +370,7 @@ def dataset_info(path: str | os.PathLike) -> dict:
         [read_parquet(p, columns=["label"]).column("label").combine_chunks() for p, _, _ in parts]
     )
     counts = labels.value_counts().to_pylist()
-    error_parts = sorted((Path(path) / ERRORS_DIR).glob("part-*.parquet"))
+    error_parts = _error_parts(path)
     kinds = pa.concat_arrays(
         [read_parquet(p, columns=["error_type"]).column("error_type").combine_chunks() for p in error_parts]
     ) if error_parts else pa.nulls(0, pa.string())
@@ -393,12 +427,12 @@ class _Journal:
 class _PartSet:
     """A folder of ``part-NNNNNN.parquet`` files of one schema, with a journal."""
 
-    def __init__(self, folder: Path, schema: pa.Schema, meta: dict, part_rows: int) -> None:
+    def __init__(self, folder: Path, journal_dir: Path, schema: pa.Schema, meta: dict, part_rows: int) -> None:
         self.folder = folder
+        self.journal_dir = journal_dir
         self.schema = schema
         self.meta = meta
         self.part_rows = part_rows
-        self.journal_dir = folder / JOURNAL_DIR
         self._journal: _Journal | None = None
 
     def parts(self) -> list[Path]:
@@ -416,7 +450,7 @@ class _PartSet:
         self.folder.mkdir(parents=True, exist_ok=True)
         written = None
         if table.num_rows:
-            rel = [os.path.relpath(p, self.folder) for p in supersedes]
+            rel = [os.path.relpath(os.path.abspath(p), os.path.abspath(self.folder)) for p in supersedes]
             meta = {**self.meta, "part": {"rows": table.num_rows, "supersedes": rel}}
             table = table.replace_schema_metadata({META_KEY: json.dumps(meta)})
             written = self.folder / self._next_name()
@@ -425,16 +459,22 @@ class _PartSet:
             p.unlink(missing_ok=True)
         return written
 
-    def recover(self) -> None:
-        """Finish what a killed writer left: drop superseded files, commit journals."""
+    def remove_superseded(self) -> None:
+        """Delete the files a part replaced that a killed writer left behind, and its
+        temporary files: a row is never counted twice."""
         for tmp in self.folder.glob(".part-*.tmp") if self.folder.is_dir() else []:
             tmp.unlink()
         for part in self.parts():
             for rel in part_meta(part).get("part", {}).get("supersedes", []):
-                stale = (self.folder / rel).resolve()
+                # lexical, like sidecar(): a journal beside a symlinked folder is found
+                stale = Path(os.path.normpath(os.path.join(os.path.abspath(self.folder), rel)))
                 if stale.exists():
                     log.info("removing %s, superseded by %s", stale, part.name)
                     stale.unlink()
+
+    def recover(self) -> None:
+        """Finish what a killed writer left: drop superseded files, commit journals."""
+        self.remove_superseded()
         journals = self.journals()
         recovered = [t for t in (_Journal.recover(j) for j in journals) if t is not None]
         if recovered:
@@ -503,11 +543,11 @@ class _PartSet:
             return 0
         wanted = pa.array(sorted(ids), pa.string())
         for part in self.parts():
-            table = read_parquet(part)
-            hit = pc.is_in(table.column("id"), value_set=wanted)
+            # found from the id column alone; only a part that loses rows is read whole
+            hit = pc.is_in(read_parquet(part, columns=["id"]).column("id"), value_set=wanted)
             n = pc.sum(hit).as_py() or 0
             if n:
-                keep = table.filter(pc.invert(hit)).replace_schema_metadata(None)
+                keep = read_parquet(part).filter(pc.invert(hit)).replace_schema_metadata(None)
                 self.commit(keep, [part])
                 dropped += n
         return dropped
@@ -535,19 +575,25 @@ class DatasetWriter:
         dim, dtype = int(meta["dim"]), meta.get("embedding_dtype", "float32")
         self.schema = embeddings_schema(dim, dtype)
         part_rows = part_rows or part_rows_for(dim, np.dtype(dtype).itemsize)
-        self.embeddings = _PartSet(self.out, self.schema, self.meta, part_rows)
-        self.errors = _PartSet(self.out / ERRORS_DIR, ERRORS_SCHEMA, self.meta, MAX_PART_ROWS)
+        self.sidecar = sidecar(self.out)
+        journal = self.sidecar / JOURNAL_DIR
+        self.embeddings = _PartSet(self.out, journal / "embeddings", self.schema, self.meta, part_rows)
+        self.errors = _PartSet(
+            self.sidecar / ERRORS_DIR, journal / "errors", ERRORS_SCHEMA, self.meta, MAX_PART_ROWS
+        )
         self.overwrite = overwrite
         self._lock_fd: int | None = None
 
     def __enter__(self) -> DatasetWriter:
         self.out.mkdir(parents=True, exist_ok=True)
+        self.sidecar.mkdir(exist_ok=True)
         self._lock()
         try:
+            self._move_legacy_bookkeeping()
             self._check_or_reset()
             self.embeddings.recover()
             self.errors.recover()
-            atomic_write_text(json.dumps(identity(self.meta), indent=2), self.out / MANIFEST)
+            atomic_write_text(json.dumps(identity(self.meta), indent=2), self.sidecar / MANIFEST)
         except BaseException:
             self._unlock()
             raise
@@ -563,7 +609,7 @@ class DatasetWriter:
     # -- lock
 
     def _lock(self) -> None:
-        fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.sidecar / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -585,17 +631,44 @@ class DatasetWriter:
 
     # -- existing data
 
-    def _check_or_reset(self) -> None:
-        manifest = self.out / MANIFEST
-        if not manifest.exists():
-            if self.embeddings.parts():
-                raise StoreError(
-                    f"{self.out} holds parquet parts but no {MANIFEST}: not an embedpipe "
-                    "output directory, or a damaged one; replace it (overwrite=True, on the command "
-                    "line --overwrite) or write elsewhere"
-                )
+    def _move_legacy_bookkeeping(self) -> None:
+        """Move the bookkeeping a folder written before the sidecar holds (``_errors/``,
+        ``_journal/``, ``_embedpipe.json``, ``_lock``) beside it. Superseded files go
+        first, while the parts' records of them still point at them."""
+        out, new = self.out, self.sidecar
+        if not any((out / n).exists() for n in (LEGACY_MANIFEST, LEGACY_ERRORS, LEGACY_JOURNAL, LEGACY_LOCK)):
             return
-        existing = json.loads(manifest.read_text(encoding="utf-8"))
+        log.info("moving the bookkeeping of %s to %s", out, new)
+        old_journal = out / LEGACY_JOURNAL
+        old_errors = _PartSet(out / LEGACY_ERRORS, out / LEGACY_ERRORS / LEGACY_JOURNAL, ERRORS_SCHEMA, {}, 1)
+        self.embeddings.remove_superseded()
+        old_errors.remove_superseded()
+        for files, to in (
+            (sorted(old_journal.glob("*.arrows")), self.embeddings.journal_dir),
+            (old_errors.journals(), self.errors.journal_dir),
+            (old_errors.parts(), self.errors.folder),
+        ):
+            if files:
+                to.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                f.rename(to / f.name)
+        for folder in (old_errors.journal_dir, old_errors.folder, old_journal):
+            if folder.is_dir():
+                folder.rmdir()
+        if (out / LEGACY_MANIFEST).exists() and not (new / MANIFEST).exists():
+            (out / LEGACY_MANIFEST).rename(new / MANIFEST)
+        for name in (LEGACY_MANIFEST, LEGACY_LOCK):
+            (out / name).unlink(missing_ok=True)
+
+    def _check_or_reset(self) -> None:
+        manifest = self.sidecar / MANIFEST
+        if manifest.exists():
+            existing = json.loads(manifest.read_text(encoding="utf-8"))
+        elif parts := self.embeddings.parts():
+            # a dataset moved without its sidecar: every part says what made it
+            existing = identity(part_meta(parts[0]))
+        else:
+            return
         diffs = describe_differences(self.meta, existing)
         if not diffs:
             return
@@ -610,7 +683,7 @@ class DatasetWriter:
         for parts in (self.embeddings, self.errors):
             for p in [*parts.parts(), *parts.journals()]:
                 p.unlink()
-        manifest.unlink()
+        manifest.unlink(missing_ok=True)
 
     # -- state and appends
 

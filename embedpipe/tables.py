@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import StoreError
-from .store import MANIFEST, Embeddings, iter_embedding_blocks, list_parts, read_embeddings
+from .store import Embeddings, iter_embedding_blocks, list_parts, manifest_path, read_embeddings
 
 #: rows per block read from a foreign table or matrix
 BLOCK_ROWS = 65_536
@@ -48,8 +48,8 @@ def is_embedpipe_dataset(path: str | os.PathLike) -> bool:
     with no Parquet at all (the store then says what to run)."""
     p = Path(path)
     if p.is_dir():
-        return (p / MANIFEST).is_file() or bool(list_parts(p)) or not any(p.rglob("*.parquet"))
-    return p.suffix == ".parquet" and p.name.startswith("part-") and (p.parent / MANIFEST).is_file()
+        return manifest_path(p) is not None or bool(list_parts(p)) or not any(p.rglob("*.parquet"))
+    return p.suffix == ".parquet" and p.name.startswith("part-") and manifest_path(p.parent) is not None
 
 
 def embedding_blocks(path: str | os.PathLike, columns: Columns = Columns()) -> Callable[[], Iterator[Embeddings]]:

@@ -25,7 +25,7 @@ from embedpipe.cli import main
 from embedpipe.config import ExtractConfig
 from embedpipe.errors import MetadataMismatchError, MissingDependencyError, TooManyErrorsError
 from embedpipe.extraction import local as engine
-from embedpipe.store import identity, read_embeddings, read_errors
+from embedpipe.store import identity, read_embeddings, read_errors, sidecar
 
 ray = require("ray", "the Ray engine: pip install -e '.[ray]'")
 
@@ -156,11 +156,11 @@ def test_a_killed_driver_is_finished_by_the_rerun(ray_instance, image_folder, tm
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + 120
-    while not list(out.glob("_journal/*")) and time.monotonic() < deadline and proc.poll() is None:
+    while not list((sidecar(out) / "journal" / "embeddings").glob("*")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     output = proc.communicate()[0].decode()
-    assert list(out.glob("_journal/*")), f"no batch was written before the kill: {output}"
+    assert list((sidecar(out) / "journal" / "embeddings").glob("*")), f"no batch was written before the kill: {output}"
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     e = read_embeddings(out)

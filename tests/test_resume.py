@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import make_image
 
-from embedpipe.store import _Journal, list_parts, read_embeddings
+from embedpipe.store import _Journal, list_parts, read_embeddings, sidecar
 
 N = 36
 
@@ -34,13 +34,13 @@ def command(src: Path, out: Path) -> list[str]:
 
 def journal_rows(out: Path) -> int:
     return sum((t.num_rows if t is not None else 0)
-               for t in map(_Journal.recover, (out / "_journal").glob("*.arrows")))
+               for t in map(_Journal.recover, (sidecar(out) / "journal" / "embeddings").glob("*.arrows")))
 
 
 # (name, condition on the output folder at which the job is killed)
 KILL_POINTS = {
-    "before_any_output": lambda out: (out / "_lock").exists(),
-    "mid_journal": lambda out: (out / "_journal").is_dir() and journal_rows(out) >= 4,
+    "before_any_output": lambda out: (sidecar(out) / "lock").exists(),
+    "mid_journal": lambda out: (sidecar(out) / "journal" / "embeddings").is_dir() and journal_rows(out) >= 4,
     "after_first_part": lambda out: len(list_parts(out)) >= 1 if out.is_dir() else False,
     "after_two_parts": lambda out: len(list_parts(out)) >= 2 if out.is_dir() else False,
 }
@@ -76,4 +76,4 @@ def test_kill_and_resume(corpus, reference, tmp_path, point):
     assert sorted(e.ids) == sorted(reference)  # every readable image exactly once
     for i, v in zip(e.ids, e.vectors):
         np.testing.assert_allclose(v, reference[i], rtol=1e-5, atol=1e-6)
-    assert not list((out / "_journal").glob("*.arrows"))
+    assert not list((sidecar(out) / "journal" / "embeddings").glob("*.arrows"))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pandas as pd
+import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -29,6 +31,7 @@ from embedpipe.store import (
     list_parts,
     read_embeddings,
     read_errors,
+    sidecar,
 )
 
 DIM = 8
@@ -73,16 +76,21 @@ def test_round_trip(tmp_path):
     assert pq.read_schema(parts[0]).field("embedding").type == pa.list_(pa.field("item", pa.float32(), nullable=False), DIM)
 
 
-def test_other_readers_see_one_dataset_without_the_errors(tmp_path):
+def test_pandas_polars_duckdb_and_pyarrow_read_the_folder_as_the_embeddings(tmp_path):
     out = tmp_path / "emb"
     with DatasetWriter(out, META, part_rows=4) as w:
         w.append(rows(0, 6, w.schema)[0])
         w.append_errors(pa.Table.from_pylist(
             [{"id": "bad.jpg", "path": "/x/bad.jpg", "error_type": "truncated", "message": "m", "size": 1, "mtime_ns": 1}],
             schema=ERRORS_SCHEMA))
-    assert ds.dataset(out, format="parquet").count_rows() == 6
-    assert duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall() == [(6,)]
-    assert duckdb.sql(f"select len(embedding) from read_parquet('{out}/*.parquet') limit 1").fetchall() == [(DIM,)]
+    # the folder itself, no glob: each reader sees the 6 embeddings, none of the error rows
+    ids = [f"img/{i:04d}.jpg" for i in range(6)]
+    assert sorted(ds.dataset(out, format="parquet").to_table().column("id").to_pylist()) == ids
+    assert sorted(pd.read_parquet(out)["id"]) == ids
+    assert sorted(pl.read_parquet(out)["id"].to_list()) == ids
+    assert pl.read_parquet(out).schema["embedding"] == pl.Array(pl.Float32, DIM)
+    assert sorted(r[0] for r in duckdb.sql(f"select id from read_parquet('{out}')").fetchall()) == ids
+    assert duckdb.sql(f"select len(embedding) from read_parquet('{out}') limit 1").fetchall() == [(DIM,)]
     errors = read_errors(out)
     assert errors[["id", "error_type"]].values.tolist() == [["bad.jpg", "truncated"]]
     info = dataset_info(out)
@@ -123,7 +131,7 @@ def test_journal_rows_survive_a_crash_even_with_a_torn_last_batch(tmp_path):
     for start in (0, 3, 6):
         w.append(rows(start, 3, w.schema)[0])
     crash(w)
-    (journal,) = (out / "_journal").glob("*.arrows")
+    (journal,) = (sidecar(out) / "journal" / "embeddings").glob("*.arrows")
     data = journal.read_bytes()
     journal.write_bytes(data[:-40])  # the third batch was being written when killed
     assert list_parts(out) == []
@@ -131,7 +139,7 @@ def test_journal_rows_survive_a_crash_even_with_a_torn_last_batch(tmp_path):
         pass
     e = read_embeddings(out)
     assert e.ids.tolist() == [f"img/{i:04d}.jpg" for i in range(6)]
-    assert not list((out / "_journal").glob("*.arrows"))
+    assert not list((sidecar(out) / "journal" / "embeddings").glob("*.arrows"))
 
 
 def test_superseded_files_left_by_a_crash_are_removed(tmp_path):
@@ -270,7 +278,7 @@ def test_journal_append_is_visible_to_another_process(tmp_path):
     out = tmp_path / "emb"
     w = DatasetWriter(out, META, part_rows=100).__enter__()
     w.append(rows(0, 2, w.schema)[0])
-    (journal,) = (out / "_journal").glob("*.arrows")
+    (journal,) = (sidecar(out) / "journal" / "embeddings").glob("*.arrows")
     got = subprocess.run(
         [sys.executable, "-c", f"from embedpipe.store import _Journal; from pathlib import Path; "
                                f"print(_Journal.recover(Path({str(journal)!r})).num_rows)"],
@@ -278,3 +286,46 @@ def test_journal_append_is_visible_to_another_process(tmp_path):
     ).stdout.strip()
     assert got == "2"
     w.__exit__(None, None, None)
+
+
+def test_a_folder_in_the_old_layout_is_read_and_moved_to_the_new_one(tmp_path):
+    """Folders written before the sidecar kept the bookkeeping inside: still readable, and
+    the next writer moves it beside without losing or repeating a row."""
+    out = tmp_path / "emb"
+    w = DatasetWriter(out, META, part_rows=100).__enter__()
+    w.append(rows(0, 4, w.schema)[0])
+    w.errors.append(pa.Table.from_pylist(
+        [{"id": "bad.jpg", "path": "/x/bad.jpg", "error_type": "truncated", "message": "m", "size": 1, "mtime_ns": 1}],
+        schema=ERRORS_SCHEMA))
+    w.errors.flush()
+    w.embeddings.flush()
+    w.append(rows(4, 2, w.schema)[0])  # left in the journal, as by a killed job
+    crash(w)
+    # rebuild the old layout from what the writer left
+    side = sidecar(out)
+    (out / "_journal").mkdir()
+    for j in (side / "journal" / "embeddings").glob("*.arrows"):
+        j.rename(out / "_journal" / j.name)
+    (side / "errors").rename(out / "_errors")
+    (side / "dataset.json").rename(out / "_embedpipe.json")
+    (out / "_lock").write_text("pid 1")
+    shutil.rmtree(side)
+
+    assert read_errors(out)["id"].tolist() == ["bad.jpg"]
+    assert dataset_info(out)["errors"] == 1
+    assert sorted(read_embeddings(out).ids) == [f"img/{i:04d}.jpg" for i in range(4)]
+    with DatasetWriter(out, META, part_rows=100) as w:
+        assert sorted(w.embedded()) == [f"img/{i:04d}.jpg" for i in range(6)]
+    assert sorted(p.name for p in out.iterdir()) == [p.name for p in list_parts(out)]
+    assert sorted(read_embeddings(out).ids) == [f"img/{i:04d}.jpg" for i in range(6)]
+    assert read_errors(out)["id"].tolist() == ["bad.jpg"]
+    assert sorted(pl.read_parquet(out)["id"].to_list()) == [f"img/{i:04d}.jpg" for i in range(6)]
+
+
+def test_a_dataset_moved_without_its_sidecar_keeps_its_rows_and_identity(tmp_path):
+    write(tmp_path / "emb", [(0, 4)])
+    (tmp_path / "emb").rename(tmp_path / "moved")
+    with DatasetWriter(tmp_path / "moved", META) as w:
+        assert len(w.embedded()) == 4
+    with pytest.raises(MetadataMismatchError, match="dim"):
+        DatasetWriter(tmp_path / "moved", {**META, "dim": DIM * 2}).__enter__()

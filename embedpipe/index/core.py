@@ -48,6 +48,7 @@ from ..errors import (
 )
 from ..files import atomic_write, atomic_write_text, replace_dir, temporary_sibling
 from ..provenance import differences
+from ..store import manifest_path
 from .blocks import (
     QUERY_DIM_HINT,
     BlockSource,
@@ -732,7 +733,7 @@ def read_info(path: str | os.PathLike[str]) -> IndexInfo:
     path = Path(path)
     meta_path = path / META_FILE
     if not meta_path.is_file():
-        if any(path.glob("part-*.parquet")) or (path / "_embedpipe.json").is_file():
+        if any(path.glob("part-*.parquet")) or manifest_path(path) is not None:
             raise IndexFileError(
                 f"{path} is an embeddings dataset, not an index: build an index from it with "
                 f"`embedpipe index build {path} --out {path.with_name(path.name + '-index')}`"
