@@ -195,9 +195,16 @@ class ExtractConfig:
     ``part_rows`` of ``None`` from the embedding size (parts of ~128 MiB).
     """
 
-    source: Path | str  # a folder, a manifest, or a folder URI such as s3://bucket/images
+    #: a folder, a manifest, a folder URI such as s3://bucket/images, WebDataset tar shards
+    #: ('shards/{00000..00099}.tar', a folder of .tar) or Parquet image tables
+    source: Path | str
     out: Path
     backbone: str
+    #: Parquet image tables: the column of encoded images (bytes, or the Hugging Face
+    #: {"bytes", "path"} struct), and optionally the id and label columns
+    image_column: str | None = None
+    id_column: str | None = None
+    label_column: str | None = None
     weights: str = "DEFAULT"
     weights_key_map: str | None = None
     layer: Layer = Layer.GAP

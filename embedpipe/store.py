@@ -12,6 +12,8 @@ An output looks like this::
       journal/embeddings/     rows embedded since the last part, appended per batch
       journal/errors/         the same for error rows
       lock                    held (flock) by the job writing here
+      containers.jsonl        tar shards and image tables started and finished, so
+                              that a re-run skips finished ones without opening them
 
 ``emb/`` holds only parts of one schema because that is what every reader accepts as
 one dataset: polars refuses a folder holding any other file (hidden ones included),
@@ -64,6 +66,8 @@ MANIFEST = "dataset.json"
 ERRORS_DIR = "errors"
 JOURNAL_DIR = "journal"
 LOCK = "lock"
+#: one JSON line per container (tar shard, image table) a job started or finished
+CONTAINERS = "containers.jsonl"
 #: the bookkeeping's names inside the dataset folder before it moved beside it
 LEGACY_MANIFEST, LEGACY_ERRORS, LEGACY_JOURNAL, LEGACY_LOCK = "_embedpipe.json", "_errors", "_journal", "_lock"
 _PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
@@ -684,12 +688,43 @@ class DatasetWriter:
             for p in [*parts.parts(), *parts.journals()]:
                 p.unlink()
         manifest.unlink(missing_ok=True)
+        (self.sidecar / CONTAINERS).unlink(missing_ok=True)
 
     # -- state and appends
 
     def embedded(self) -> dict[str, tuple[int, int]]:
         """id -> (size, mtime_ns) of every committed embedding."""
         return self.embeddings.file_stats()
+
+    def ids(self) -> pa.Array:
+        """The ids of every committed embedding and error row, as one Arrow array."""
+        return pa.concat_arrays([
+            parts.read_columns(["id"]).column("id").combine_chunks()
+            for parts in (self.embeddings, self.errors)
+        ])
+
+    def containers(self) -> dict[str, dict]:
+        """name -> the last record of each container: ``size``, ``mtime_ns``, ``complete``."""
+        path = self.sidecar / CONTAINERS
+        if not path.is_file():
+            return {}
+        records = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # the torn last line of a killed job
+                continue
+            records[r["name"]] = r
+        return records
+
+    def record_container(self, name: str, size: int, mtime_ns: int, *, complete: bool) -> None:
+        """Append a container's state: started (its rows may be partial) or complete (every
+        row of it is committed to the journal or a part). Durable before it returns."""
+        line = json.dumps({"name": name, "size": size, "mtime_ns": mtime_ns, "complete": complete})
+        with open(self.sidecar / CONTAINERS, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def errored(self) -> dict[str, tuple[int, int]]:
         """id -> (size, mtime_ns) of every recorded error."""

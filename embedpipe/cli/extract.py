@@ -65,12 +65,14 @@ def backbones(source: str, pattern: str | None, fmt: str) -> None:
 
 
 class SourceParam(click.ParamType):
-    """An existing local folder or manifest, or a URI (s3://, gs://, hdfs://, file://)."""
+    """An existing local folder, manifest, tar shard or image table; a URI (s3://, gs://,
+    hdfs://, file://); or a pattern of shards or tables ('shards/{00000..00099}.tar',
+    'data/train-*.parquet'), expanded by the source itself."""
 
     name = "source"
 
     def convert(self, value, param, ctx):
-        if is_uri(value):
+        if is_uri(value) or any(c in str(value) for c in "*?[{"):
             return value
         return click.Path(exists=True, path_type=Path).convert(value, param, ctx)
 
@@ -88,6 +90,10 @@ class SourceParam(click.ParamType):
               help="Rename checkpoint keys: a built-in map (lukemelas-efficientnet-lite0, "
               "strip-module), 'old=new' prefixes, or package.module:function.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--image-column", help="SOURCE is Parquet image tables: the column of encoded images "
+              "(bytes, or the Hugging Face {bytes, path} struct).")
+@click.option("--id-column", help="With --image-column: the column of ids (default: file and row number).")
+@click.option("--label-column", help="With --image-column: the column of labels.")
 @click.option("--layer", default=Layer.GAP.value, metavar="gap|penultimate|stages|LAYER,...",
               help="gap: global average pool of the last feature map; penultimate: the input of the "
               "final classifier layer (fc7 for AlexNet/VGG); stages: every stage's pooled output "
@@ -129,8 +135,9 @@ class SourceParam(click.ParamType):
 @click.pass_context
 @friendly_errors
 def extract(ctx: click.Context, source: Path | str, **options) -> None:
-    """Embed every image under SOURCE (a folder, a CSV/Parquet manifest, or a folder URI
-    such as s3://bucket/images) into --out.
+    """Embed every image under SOURCE into --out: a folder, a CSV/Parquet manifest, a
+    folder URI such as s3://bucket/images, WebDataset tar shards ('shards/{00000..00099}.tar'
+    or a folder of .tar files), or Parquet image tables (with --image-column).
 
     Re-running the same command resumes an interrupted run and embeds only new or
     changed images. With --engine ray the same dataset is written by Ray Data actors.

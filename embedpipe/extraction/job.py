@@ -14,18 +14,20 @@ import math
 import platform
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from .. import __version__
 from ..backbones import Embedder, load_backbone
 from ..backbones.stages import stage_embedder
 from ..config import ExtractConfig
-from ..errors import TooManyErrorsError
+from ..errors import SourceError, TooManyErrorsError
+from ..images.containers import Container
 from ..images.decode import DecodeFailure
 from ..images.sources import ImageRecord
 from ..provenance import Provenance
@@ -95,10 +97,16 @@ def build_provenance(embedder: Embedder | ConcatStages, config: ExtractConfig, r
     )
 
 
-def error_limit(max_errors: float | None, todo: int) -> int | None:
-    """``--max-errors`` as a number of images: a count, or a fraction of ``todo`` below 1."""
+def error_limit(max_errors: float | None, todo: int | None) -> int | None:
+    """``--max-errors`` as a number of images: a count, or a fraction of ``todo`` below 1
+    (``None`` for containers, whose images are counted only as they are read)."""
     if max_errors is None:
         return None
+    if todo is None and 0 < max_errors < 1:
+        raise SourceError(
+            f"--max-errors {max_errors:g} is a fraction of the images, which tar shards and image "
+            "tables do not tell before they are read: give a number of images (e.g. --max-errors 100)"
+        )
     return int(max_errors) if max_errors >= 1 or max_errors == 0 else math.ceil(max_errors * todo)
 
 
@@ -154,6 +162,102 @@ def begin(
     return todo, summary
 
 
+def _under(ids: pa.Array, names: list[str]) -> pa.Array:
+    """A mask of the ``ids`` that belong to one of the containers ``names``
+    (``name/key``, or ``name`` itself): one vectorised pass per distinct name length."""
+    mask = pa.array(np.zeros(len(ids), bool))
+    if not names or not len(ids):
+        return mask
+    raw = ids.cast(pa.binary())
+    by_length: dict[int, list[bytes]] = {}
+    for n in names:
+        by_length.setdefault(len(n.encode()), []).append(n.encode())
+    for length, group in by_length.items():
+        head = pc.binary_slice(raw, 0, length + 1)
+        hit = pc.or_(
+            pc.is_in(head, value_set=pa.array([g + b"/" for g in group], pa.binary())),
+            pc.is_in(raw, value_set=pa.array(group, pa.binary())),
+        )
+        mask = pc.or_(mask, hit)
+    return mask
+
+
+class ContainerPlan:
+    """The containers a (re-)run still has to read, and the bookkeeping that lets the
+    next run skip each one once all its rows are written.
+
+    A container is recorded as started before its first image is read and as complete
+    once the writer has written its last row (rows are written in order), so a killed
+    job leaves every container either complete or resumable by key.
+    """
+
+    def __init__(self, writer: DatasetGroup, todo: list[tuple[Container, frozenset[str]]]) -> None:
+        self.writer = writer
+        self.todo = todo
+        self._last: dict[str, Container] = {}  # id of a container's last record -> it
+
+    def records(self) -> Iterator[ImageRecord]:
+        for container, done in self.todo:
+            self._record(container, complete=False)
+            last = None
+            for record in container.records(done):
+                if last is not None:
+                    yield last
+                last = record
+            if last is None:  # nothing (left) to read in it
+                self._record(container, complete=True)
+            else:
+                self._last[last.id] = container
+                yield last
+
+    def written(self, records: Iterable[ImageRecord]) -> None:
+        """Rows just written: a container whose last row is among them is complete."""
+        for r in records:
+            if (container := self._last.pop(r.id, None)) is not None:
+                self._record(container, complete=True)
+
+    def _record(self, c: Container, *, complete: bool) -> None:
+        self.writer.record_container(c.name, c.size, c.mtime_ns, complete=complete)
+
+
+def begin_containers(
+    writer: DatasetGroup, containers: list[Container], out: str, runtime: dict
+) -> tuple[ContainerPlan, ExtractSummary]:
+    """:func:`begin` for tar shards and image tables: what a (re-)run still has to read.
+
+    A finished container with the same size and mtime is skipped without being opened;
+    a half-done one is read past the keys already done; the rows of a changed or deleted
+    container are dropped and a changed one is read again.
+    """
+    logged = writer.containers()
+    current = {c.name: c for c in containers}
+    changed = [
+        name for name, r in logged.items()
+        if name not in current or (r["size"], r["mtime_ns"]) != (current[name].size, current[name].mtime_ns)
+    ]
+    ids = writer.ids()
+    stale = _under(ids, changed)
+    dropped = 0
+    if pc.any(stale).as_py():
+        dropped = sum(writer.drop(set(ids.filter(stale).to_pylist())))
+        ids = ids.filter(pc.invert(stale))
+    gone = set(changed)
+    todo = [c for c in containers if not (logged.get(c.name, {}).get("complete") and c.name not in gone)]
+    # keys already done: only rows of containers still to read are looked at one by one
+    done: dict[str, set[str]] = {c.name: set() for c in todo}
+    lengths = sorted({len(n) for n in done}, reverse=True)
+    for i in ids.filter(_under(ids, list(done))).to_pylist():
+        for n in lengths:
+            if i[:n] in done and (len(i) == n or i[n] == "/"):
+                done[i[:n]].add(i[n + 1:])
+                break
+    summary = ExtractSummary(
+        out=out, images=len(ids), embedded=0, skipped=len(ids), errors=0, dropped=dropped, runtime=runtime,
+    )
+    log.info("%d of %d containers to read (%d finished)", len(todo), len(containers), len(containers) - len(todo))
+    return ContainerPlan(writer, [(c, frozenset(done[c.name])) for c in todo]), summary
+
+
 @dataclass
 class Embedded:
     """Rows that became vectors: ``vectors`` (n, D) float32, one per record."""
@@ -187,9 +291,15 @@ class JobWriter:
     into the dataset, counted in the summary, timed, stopped at ``--max-errors``."""
 
     def __init__(
-        self, writer: DatasetGroup, config: ExtractConfig, summary: ExtractSummary, todo: int
+        self,
+        writer: DatasetGroup,
+        config: ExtractConfig,
+        summary: ExtractSummary,
+        todo: int | None,
+        on_written: Callable[[list[ImageRecord]], None] | None = None,
     ) -> None:
         self.writer, self.config, self.summary = writer, config, summary
+        self.on_written = on_written
         self.limit = error_limit(config.max_errors, todo)
         self.errors_by_type: Counter[str] = Counter()
         self.seconds: Counter[str] = Counter()
@@ -221,6 +331,8 @@ class JobWriter:
             rows += len(failed.records)
             for r, kind, message in zip(failed.records, failed.error_type, failed.message):
                 log.debug("%s: %s: %s", r.id, kind, message)
+        if self.on_written is not None:
+            self.on_written([*(embedded.records if embedded else ()), *(failed.records if failed else ())])
         self.seconds["write"] += time.perf_counter() - t
         return rows
 
@@ -241,7 +353,7 @@ class JobWriter:
             raise TooManyErrorsError(
                 f"stopped after {summary.errors} unreadable images (more than --max-errors "
                 f"{config.max_errors:g} allows): {summary.errors_by_type}. The {summary.embedded} "
-                f"images embedded so far are saved in {config.out}; see {config.out}/_errors/ "
+                f"images embedded so far are saved in {config.out}; see `embedpipe info {config.out} --errors` "
                 "for the failures, then re-run to continue."
             )
         return summary
@@ -263,7 +375,8 @@ def errors_table(failed: Failed) -> pa.Table:
     )
 
 
-def progress_bar(total: int, enabled: bool):
+def progress_bar(total: int | None, enabled: bool):
+    """A bar to ``total``, or a counter with a rate when the total is not known."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.05)

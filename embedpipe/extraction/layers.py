@@ -107,6 +107,16 @@ class DatasetGroup:
     def labels(self) -> dict[str, str | None]:
         return self.first.labels()
 
+    def ids(self) -> pa.Array:
+        return self.first.ids()
+
+    def containers(self) -> dict[str, dict]:
+        return self.first.containers()
+
+    def record_container(self, name: str, size: int, mtime_ns: int, *, complete: bool) -> None:
+        for writer, _ in self.targets:  # every layer alike
+            writer.record_container(name, size, mtime_ns, complete=complete)
+
     def relabel(self, labels: dict[str, str | None]) -> int:
         counts = [w.relabel(labels) for w, _ in self.targets]  # every layer, alike
         return counts[0]

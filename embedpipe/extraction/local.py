@@ -22,6 +22,7 @@ import torch
 
 from ..config import ExtractConfig
 from ..images.decode import Decoded, DecodeFailure, EncodedJPEG
+from ..images.containers import open_containers
 from ..images.loader import DecodePool
 from ..images.sources import ImageRecord, open_source
 from .forward import BatchEmbedder
@@ -31,6 +32,7 @@ from .job import (
     Failed,
     JobWriter,
     begin,
+    begin_containers,
     build_provenance,
     load_embedder,
     progress_bar,
@@ -90,7 +92,11 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
     t0 = time.perf_counter()
     runtime = plan(config)
     embedder = load_embedder(config)
-    records = open_source(config.source)
+    containers = open_containers(
+        config.source, image_column=config.image_column, id_column=config.id_column,
+        label_column=config.label_column,
+    )
+    records = open_source(config.source) if containers is None else []
     provenance = build_provenance(embedder, config, {"engine": "local", **runtime.to_dict()})
     torch.set_num_threads(runtime.threads)
     forward = BatchEmbedder(embedder, runtime, l2_normalize=config.normalize)
@@ -99,11 +105,16 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
     with open_group(
         config.out, provenance, embedder, overwrite=config.overwrite, part_rows=config.part_rows
     ) as writer:
-        todo, summary = begin(writer, records, str(config.out), dict(provenance.runtime))
-        job = JobWriter(writer, config, summary, len(todo))
+        if containers is None:
+            todo, summary = begin(writer, records, str(config.out), dict(provenance.runtime))
+            job, total = JobWriter(writer, config, summary, len(todo)), len(todo)
+        else:  # tar shards, image tables: read as they stream, counted as they go
+            reads, summary = begin_containers(writer, containers, str(config.out), dict(provenance.runtime))
+            todo, total = reads.records(), None
+            job = JobWriter(writer, config, summary, None, on_written=reads.written)
         log.info(
-            "%s: %d images, %d to embed (%d already done) with %s on %s",
-            config.out, len(records), len(todo), summary.skipped, config.backbone, runtime.device,
+            "%s: %s images to embed (%d already done) with %s on %s",
+            config.out, total if total is not None else "all unread", summary.skipped, config.backbone, runtime.device,
         )
         pool = DecodePool(
             embedder.preprocessing,
@@ -114,7 +125,7 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
             prefetch=2 * runtime.batch_size + 4 * runtime.workers,
             nice=runtime.worker_nice,
         )
-        with pool, progress_bar(len(todo), progress) as bar:
+        with pool, progress_bar(total, progress) as bar:
             batches = _batches(pool.imap(todo), runtime.batch_size)
             while not job.stopped:
                 t = time.perf_counter()
@@ -126,4 +137,6 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
                 embedded, failed = _forward(forward, *item)
                 seconds["forward"] += time.perf_counter() - t
                 bar.update(job.write(embedded, failed))
+    if containers is not None:
+        summary.images = summary.skipped + summary.embedded + summary.errors
     return job.finish(seconds, t0)

@@ -13,7 +13,7 @@
 Ray does the scheduling, backpressure and fault tolerance: an actor that dies is
 restarted and its batch retried (Ray Data's actor defaults, ``max_restarts=-1`` and
 ``max_task_retries=-1``), and no block is ever skipped (``max_errored_blocks`` stays 0:
-an unreadable image is a row of ``_errors/``, not a lost block). Results are written by
+an unreadable image is a row of the errors table, not a lost block). Results are written by
 the driver through the same :class:`~embedpipe.store.DatasetWriter` as the local engine,
 so the dataset, its metadata, its lock and resuming after a killed driver are the same.
 The embeddings cross the object store once (a few KB per image), the pixels stay between
@@ -42,6 +42,7 @@ from ..errors import MissingDependencyError
 from ..images.decode import Decoded
 from ..images.loader import DecodePool
 from ..images.preprocess import Preprocessing
+from ..images.shards import is_shard_spec
 from ..images.sources import ImageRecord, open_source
 from .forward import BatchEmbedder
 from .job import (
@@ -359,6 +360,8 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
         )
     if config.stages:
         raise ValueError("--layer stages runs on the local engine for now; leave out --engine ray")
+    if config.image_column is not None or is_shard_spec(config.source):
+        raise ValueError("tar shards and image tables run on the local engine for now; leave out --engine ray")
     if config.num_gpus_per_worker and config.device == Device.CPU:
         raise ValueError("--num-gpus-per-worker asks for GPUs, but --device cpu keeps the model off them")
     import_ray()

@@ -79,7 +79,8 @@ class DecodeFailure:
     message: str
 
 
-def _read(path: str) -> bytes:
+def read_file(path: str) -> bytes:
+    """A file's bytes (a path or URI); :class:`ImageDecodeError` says why not."""
     try:
         if is_uri(path):
             data = read_bytes(path)
@@ -189,14 +190,17 @@ def _device_decodable(data: bytes, max_pixels: int) -> tuple[int, int, int] | No
 
 
 def decode_file(
-    path: str, preprocessing: Preprocessing, *, max_pixels: int, mode: DecodeMode
+    source: str | bytes, preprocessing: Preprocessing, *, max_pixels: int, mode: DecodeMode
 ) -> Decoded | EncodedJPEG | DecodeFailure:
-    """Read, decode, orient, convert, resize and crop one file. Never raises.
+    """Read, decode, orient, convert, resize and crop one image: a file's path, or the
+    bytes of one read from a container (a tar shard, a Parquet table). Never raises.
 
     With ``DecodeMode.DEVICE`` a plain JPEG is only checked and comes back encoded.
     """
     try:
-        data = _read(path)
+        data = read_file(source) if isinstance(source, str) else source
+        if not data:
+            raise ImageDecodeError(ErrorType.EMPTY_FILE, "the image is empty (0 bytes)")
         if mode == DecodeMode.DEVICE and preprocessing.channels == 3:
             header = _device_decodable(data, max_pixels)
             if header is not None:

@@ -47,13 +47,13 @@ def _init_worker(nice: int, progress) -> None:
         os.nice(nice)
 
 
-def _run_chunk(decode_fn, paths: list[str], slot: int, *args) -> list[Decoded | DecodeFailure]:
-    """Runs in a worker: ``decode_fn`` one path at a time, writing into ``slot`` which one
+def _run_chunk(decode_fn, payloads: list, slot: int, *args) -> list[Decoded | DecodeFailure]:
+    """Runs in a worker: ``decode_fn`` one image at a time, writing into ``slot`` which one
     it is on (1-based), so that the parent can tell a hung image from a slow chunk."""
     out = []
-    for i, path in enumerate(paths):
+    for i, payload in enumerate(payloads):
         _PROGRESS[slot] = i + 1
-        out.extend(decode_fn([path], *args))
+        out.extend(decode_fn([payload], *args))
     return out
 
 
@@ -116,7 +116,7 @@ class DecodePool:
         self._progress[slot] = 0  # not started
         future = self._pool.schedule(
             _run_chunk,
-            args=(self.decode_fn, [r.path for r in chunk], slot, self.preprocessing, self.max_pixels, self.mode),
+            args=(self.decode_fn, [r.payload for r in chunk], slot, self.preprocessing, self.max_pixels, self.mode),
         )
         return chunk, future, slot
 
@@ -180,10 +180,14 @@ class DecodePool:
 
 
 def decode_chunk(
-    paths: list[str], preprocessing: Preprocessing, max_pixels: int, mode: DecodeMode
+    payloads: list[str | bytes | DecodeFailure], preprocessing: Preprocessing, max_pixels: int, mode: DecodeMode
 ) -> list[Decoded | DecodeFailure]:
-    """Runs in a worker: :func:`decode_file` over a few paths."""
-    return [decode_file(p, preprocessing, max_pixels=max_pixels, mode=mode) for p in paths]
+    """Runs in a worker: :func:`decode_file` over a few paths or images' bytes; a failure
+    met while reading a container passes through, keeping its place in the order."""
+    return [
+        p if isinstance(p, DecodeFailure) else decode_file(p, preprocessing, max_pixels=max_pixels, mode=mode)
+        for p in payloads
+    ]
 
 
 def _chunked(records: Iterable[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:

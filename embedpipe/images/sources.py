@@ -11,8 +11,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from ..errors import SourceError
+
+if TYPE_CHECKING:
+    from .decode import DecodeFailure
 from ..uris import is_uri, join, list_files
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -25,7 +29,9 @@ class ImageRecord:
 
     ``id`` is the posix path relative to the folder root (or the manifest's ``id``);
     ``size`` and ``mtime_ns`` are ``-1`` when the file cannot be stat'ed (a broken link),
-    which decoding then reports.
+    which decoding then reports. An image read from a container (a tar shard, a Parquet
+    table) carries its bytes in ``data`` (or, in ``failure``, why there are none) and
+    ``path`` says where in the container it was.
     """
 
     id: str
@@ -33,6 +39,13 @@ class ImageRecord:
     label: str | None
     size: int
     mtime_ns: int
+    data: bytes | None = None
+    failure: DecodeFailure | None = None
+
+    @property
+    def payload(self) -> str | bytes | DecodeFailure:
+        """What a decode worker needs: the file to read, the bytes, or the failure."""
+        return self.failure or (self.data if self.data is not None else self.path)
 
 
 def _stat(path: str) -> tuple[int, int]:
