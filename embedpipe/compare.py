@@ -243,7 +243,8 @@ class CKAResult:
         }
 
 
-def _heatmap(result: CKAResult) -> bytes:
+def cka_heatmap(result: CKAResult) -> bytes:
+    """The CKA matrix as a PNG heatmap, each cell annotated (`compare` and the probe report)."""
     from matplotlib.figure import Figure
 
     from .figures import png, shorten
@@ -325,7 +326,7 @@ def write_cka(result: CKAResult, out: str | os.PathLike) -> CKAFiles:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = CKAFiles(out / "cka.json", out / "cka.md", out / "cka.html", out / "cka.png")
-    heatmap = _heatmap(result)
+    heatmap = cka_heatmap(result)
     atomic_write_bytes(heatmap, files.png)
     atomic_write_text(json.dumps(result.to_json(), indent=2) + "\n", files.json)
     atomic_write_text(_markdown(result), files.markdown)

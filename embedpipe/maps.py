@@ -153,6 +153,15 @@ def _reducer(params: MapParams, n: int):
                      metric="cosine", random_state=params.seed, n_jobs=1)
 
 
+def check_available(method: MapMethod) -> None:
+    """Raise :class:`MissingDependencyError` now, before any long work, if ``method``'s
+    library is missing (UMAP: umap-learn, from the ``map`` extra)."""
+    import importlib.util
+
+    if MapMethod(method) is MapMethod.UMAP and importlib.util.find_spec("umap") is None:
+        raise MissingDependencyError('UMAP maps need umap-learn: pip install "embedpipe[map]" (or --map-method pca)')
+
+
 def project(vectors: np.ndarray, params: MapParams) -> tuple[np.ndarray, Any, dict[str, Any]]:
     """(n, D) -> ((n, 2) float32 coordinates, the fitted reducer, notes). UMAP and PCA are
     fitted on at most ``params.fit_sample`` rows and transform the rest."""

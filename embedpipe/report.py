@@ -1,9 +1,12 @@
 """Probe results -> ``results.json``, ``report.md`` and a self-contained ``report.html``.
 
-No compute happens here. Everything shown (confidence intervals, the paired test, the
-PCA view) was measured by :mod:`embedpipe.probe` and is read back from
-``results.json``, so :func:`render_report` re-renders a report without the embeddings,
-exactly as a script or dashboard reading that file would see the numbers.
+Everything shown is read back from ``results.json``, so :func:`render_report` re-renders a
+report without the embeddings, exactly as a script or dashboard reading that file would
+see the numbers. The probe measured nearly all of it; :func:`write_report` adds the two
+views of every dataset that :mod:`embedpipe.probe` may not compute, because ``probe``,
+``maps`` and ``compare`` are siblings in the layers of ``.importlinter``: the 2-D map
+(:func:`embedpipe.maps.project`) and the linear CKA matrix
+(:class:`embedpipe.compare.MinibatchCKA`), both of the probe's seeded row sample.
 
 The Markdown and the HTML are rendered from one list of blocks, so they cannot drift
 apart; the HTML embeds its figures as base64 PNG and needs nothing beside itself.
@@ -20,8 +23,9 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import Enum
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +33,12 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
+from .compare import CKAError, CKAResult, MinibatchCKA, cka_heatmap
 from .errors import ReportError
-from .figures import PAGE_CSS, robust_limits
+from .figures import PAGE_CSS, robust_limits, wrap
 from .figures import png as figure_png
 from .files import atomic_write_bytes
+from .maps import MapParams, project
 from .probe import RESULTS_SCHEMA, SMALL_TEST_SET, ProbeResults
 from .provenance import WeightsInfo
 
@@ -45,7 +51,7 @@ FIGURES_DIR = "figures"
 
 _DPI = 110
 _MAX_TICK_CLASSES = 30  # more classes than this: no class names on confusion axes
-_MAX_ANNOTATED_CLASSES = 12  # confusion cells carry counts, projections a legend
+_MAX_ANNOTATED_CLASSES = 12  # confusion cells carry counts, maps a legend
 _HEADLINE_K = 20  # the k-NN column of the comparison table, as DINO reports
 
 
@@ -59,13 +65,45 @@ class ReportFiles:
     figures: tuple[Path, ...]
 
 
-def write_report(results: ProbeResults, out_dir: str | os.PathLike) -> ReportFiles:
-    """Save ``results`` as ``out_dir/results.json`` and render the report next to it."""
+def write_report(
+    results: ProbeResults, out_dir: str | os.PathLike, *, map_params: MapParams | None = None
+) -> ReportFiles:
+    """Save ``results`` as ``out_dir/results.json``, with its map and CKA matrix
+    (:func:`views`), and render the report next to it. ``map_params``: the map's reducer,
+    by default ``embedpipe map``'s (UMAP, which needs the ``map`` extra) seeded with the
+    probe's seed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results.to_dict(), indent=1, allow_nan=False, default=_json_default)
+    doc = {**results.to_dict(), **views(results, map_params or MapParams(seed=results.config.seed))}
+    text = json.dumps(doc, indent=1, allow_nan=False, default=_json_default)
     atomic_write_bytes(text.encode("utf-8"), out / RESULTS_FILE)
     return render_report(out)
+
+
+def views(results: ProbeResults, params: MapParams) -> dict[str, Any]:
+    """``map`` and ``cka`` of ``results.json``, computed on every dataset's vectors of the
+    probe's sample (``results.sample``: at most ``projection_samples`` rows, seeded).
+
+    ``map``: ``params`` and, per dataset, the (m, 2) coordinates
+    :func:`embedpipe.maps.project` gives its sample rows (rounded to 1e-4). ``cka``: with
+    two datasets or more, ``names`` and the (k, k) unbiased linear CKA ``matrix`` of the
+    sample rows (one block of :class:`~embedpipe.compare.MinibatchCKA`, so exactly
+    :func:`~embedpipe.compare.linear_cka` of each pair), or an ``error`` when a dataset
+    is constant on them.
+    """
+    sample = results.sample
+    if sample is None:
+        return {"map": None, "cka": None}
+    names = [d.name for d in results.datasets]
+    xy = {n: np.round(project(v, params)[0].astype(np.float64), 4) for n, v in zip(names, sample.vectors)}
+    cka: dict[str, Any] | None = None
+    if len(names) >= 2:
+        cka = {"names": names, "estimator": "unbiased", "n": len(sample.ids)}
+        try:
+            cka["matrix"] = MinibatchCKA(len(names), unbiased=True).update(sample.vectors).result()
+        except CKAError as e:
+            cka["error"] = str(e)
+    return {"map": {"params": {**asdict(params), "method": str(params.method)}, "datasets": xy}, "cka": cka}
 
 
 def load_results(out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -79,9 +117,7 @@ def load_results(out_dir: str | os.PathLike) -> dict[str, Any]:
             f"{Path(out_dir)}` (or embedpipe.report.write_report) first"
         ) from None
     except json.JSONDecodeError as e:
-        raise ReportError(
-            f"{path} is not valid JSON ({e}); re-run the probe to rewrite it"
-        ) from None
+        raise ReportError(f"{path} is not valid JSON ({e}); re-run the probe to rewrite it") from None
     schema = doc.get("schema") if isinstance(doc, dict) else None
     if schema != RESULTS_SCHEMA:
         raise ReportError(
@@ -206,8 +242,11 @@ def _figures(doc: Mapping[str, Any]) -> dict[str, bytes]:
         "accuracy": _accuracy_figure(doc),
         "validation_curve": _validation_figure(doc),
         "confusion_matrix": _confusion_figure(doc),
-        "projection": _projection_figure(doc),
     }
+    if doc.get("map"):
+        figures["map"] = _map_figure(doc)
+    if (doc.get("cka") or {}).get("matrix") is not None:
+        figures["cka"] = _cka_figure(doc)
     if depth_series(doc):
         figures["depth"] = _depth_figure(doc)
     return figures
@@ -267,21 +306,13 @@ def _accuracy_figure(doc: Mapping[str, Any]) -> bytes:
     high = np.array([datasets[n]["metrics"]["linear.top1_ci_high"] for n in names])
     hatches = ["" if _pretrained(datasets[n]["provenance"]) else "//" for n in names]
     offset = -width / 2 if k is not None else 0.0
-    bars = ax.bar(
-        x + offset,
-        100 * linear,
-        width,
-        yerr=100 * np.vstack([linear - low, high - linear]),
-        capsize=4,
-        color="#4C72B0",
-        label=f"linear probe (top-1, {100 * doc['config']['confidence']:.0f}% CI)",
-    )
+    bars = ax.bar(x + offset, 100 * linear, width, yerr=100 * np.vstack([linear - low, high - linear]),
+                  capsize=4, color="#4C72B0",
+                  label=f"linear probe (top-1, {100 * doc['config']['confidence']:.0f}% CI)")
     groups = [bars]
     if k is not None:
         knn = np.array([datasets[n]["metrics"][f"knn.k{k}.top1"] for n in names])
-        groups.append(
-            ax.bar(x + width / 2, 100 * knn, width, color="#DD8452", label=f"k-NN, k={k} (top-1)")
-        )
+        groups.append(ax.bar(x + width / 2, 100 * knn, width, color="#DD8452", label=f"k-NN, k={k} (top-1)"))
     for group in groups:
         for bar, hatch in zip(group, hatches):
             bar.set_hatch(hatch)
@@ -304,14 +335,8 @@ def _validation_figure(doc: Mapping[str, Any]) -> bytes:
         curve = entry["linear"]["validation_curve"]
         (line,) = ax.plot(curve["C"], 100 * np.asarray(curve["accuracy"]), marker=".", label=name)
         best = curve["C"].index(entry["linear"]["C"])
-        ax.plot(
-            curve["C"][best],
-            100 * curve["accuracy"][best],
-            marker="*",
-            markersize=14,
-            color=line.get_color(),
-            markeredgecolor="black",
-        )
+        ax.plot(curve["C"][best], 100 * curve["accuracy"][best], marker="*", markersize=14,
+                color=line.get_color(), markeredgecolor="black")
     ax.set_xscale("log")
     ax.set_xlabel("C (inverse L2 regularisation strength)")
     ax.set_ylabel("validation accuracy (%)")
@@ -339,69 +364,85 @@ def _confusion_figure(doc: Mapping[str, Any]) -> bytes:
     if len(classes) <= _MAX_ANNOTATED_CLASSES:
         for (i, j), n in np.ndenumerate(counts):
             if n:
-                ax.text(
-                    j,
-                    i,
-                    str(n),
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if rates[i, j] > 0.5 else "black",
-                )
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(
-        f"Confusion matrix of the best embeddings, {best} (linear probe, test split)", fontsize=10
-    )
+    ax.set_title(f"Confusion matrix of the best embeddings, {best} (linear probe, test split)", fontsize=10)
     return _png(fig)
 
 
-def _projection_figure(doc: Mapping[str, Any]) -> bytes:
-    names = doc["ranking"]
-    classes = doc["split"]["classes"]
+def map_points(doc: Mapping[str, Any], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dataset ``name``'s map: coordinates (m, 2) float64 and class indices (m,) of the
+    sample rows, and (m,) bool marking the test rows its linear probe got wrong."""
+    sample = doc["sample"]
+    wrong_ids = set(_misclassified(doc, name))
+    return (
+        np.asarray(doc["map"]["datasets"][name], dtype=np.float64).reshape(-1, 2),
+        np.asarray(sample["labels"], dtype=np.int64),
+        np.array([i in wrong_ids for i in sample["ids"]], dtype=bool),
+    )
+
+
+def _misclassified(doc: Mapping[str, Any], name: str) -> list[str]:
+    """The test ids dataset ``name``'s linear probe got wrong."""
+    split = doc["split"]
+    wrong = np.asarray(doc["datasets"][name]["linear"]["test_predictions"]) != split["test_labels"]
+    return [i for i, w in zip(split["test_ids"], wrong) if w]
+
+
+def map_method_text(doc: Mapping[str, Any]) -> str:
+    """The map's method with the parameters in effect (as :mod:`embedpipe.maps` caps them)."""
+    p, m = doc["map"]["params"], len(doc["sample"]["ids"])
+    detail = {
+        "umap": f"UMAP · n_neighbors {min(p['n_neighbors'], m - 1)} · min_dist {p['min_dist']:g} · cosine",
+        "tsne": f"t-SNE · perplexity {min(p['perplexity'], (m - 1) / 3):g}",
+    }.get(p["method"], str(p["method"]).upper())
+    return f"{detail} · seed {p['seed']} · {_sample_text(doc)}, L2-normalised"
+
+
+def _sample_text(doc: Mapping[str, Any]) -> str:
+    s = doc["sample"]
+    m, of = len(s["ids"]), s["of"]
+    return f"all {m:,} images" if m == of else f"a sample of {m:,} of the {of:,} images (sample seed {s['seed']})"
+
+
+def _map_figure(doc: Mapping[str, Any]) -> bytes:
+    """One panel per dataset: its map coloured by label, test images its linear probe got
+    wrong marked with a black x."""
+    names, classes = doc["ranking"], doc["split"]["classes"]
     cmap = _label_colors(len(classes))
     ncols = min(3, len(names))
     nrows = math.ceil(len(names) / ncols)
-    fig = Figure(figsize=(4.2 * ncols + 1.0, 4.0 * nrows), layout="constrained")
+    fig = Figure(figsize=(4.2 * ncols + 1.0, 4.0 * nrows + 0.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for ax, name in zip(axes, names):
-        entry = doc["datasets"][name]
-        projection = entry["projection"]
-        points = np.asarray(projection["points"], dtype=np.float64).reshape(-1, 2)
-        labels = np.asarray(projection["labels"], dtype=np.int64)
+        points, labels, wrong = map_points(doc, name)
         (lo, hi), outside = robust_limits(points)
-        shown = np.clip(points, lo, hi)
-        if outside.any():  # outliers sit on the frame's edge, marked, instead of squashing the rest
-            ax.scatter(shown[outside, 0], shown[outside, 1], marker="x", s=18, c="0.3", linewidths=0.8,
-                       label=f"{int(outside.sum())} outside, shown at the edge")
-            ax.legend(loc="lower right", fontsize=7, frameon=False)
-        ax.set_xlim(lo[0], hi[0])
-        ax.set_ylim(lo[1], hi[1])
-        ax.scatter(
-            shown[~outside, 0],
-            shown[~outside, 1],
-            c=labels[~outside],
-            cmap=cmap,
-            vmin=-0.5,
-            vmax=len(classes) - 0.5,
-            s=6,
-            alpha=0.7,
-            linewidths=0,
-        )
-        ratio = projection["explained_variance_ratio"]
-        ax.set_title(_display_name(name, entry["provenance"]).replace("\n", " "), fontsize=10)
-        ax.set_xlabel(f"PC 1 ({100 * ratio[0]:.1f}% of variance)", fontsize=8)
-        ax.set_ylabel(f"PC 2 ({100 * ratio[1]:.1f}%)", fontsize=8)
-        ax.tick_params(labelsize=7)
+        shown = np.clip(points, lo, hi)  # outliers sit on the frame's edge instead of squashing the rest
+        ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xticks=[], yticks=[])
+        ax.scatter(shown[:, 0], shown[:, 1], c=labels, cmap=cmap, vmin=-0.5, vmax=len(classes) - 0.5,
+                   s=6, alpha=0.7, linewidths=0)
+        n, errors = int(wrong.sum()), len(_misclassified(doc, name))
+        ax.scatter(shown[wrong, 0], shown[wrong, 1], marker="x", s=16, c="black", linewidths=0.8,
+                   label=f"misclassified ({n}" + (f" of {errors})" if n < errors else ")"))
+        ax.legend(loc="lower right", fontsize=7, frameon=False)
+        ax.set_title(_display_name(name, doc["datasets"][name]["provenance"]).replace("\n", " ")
+                     + (f" · {int(outside.sum())} at the edge" if outside.any() else ""), fontsize=10)
     for ax in axes[len(names) :]:
         ax.set_axis_off()
     if len(classes) <= _MAX_ANNOTATED_CLASSES:
-        handles = [
-            axes[0].scatter([], [], color=cmap(i), s=20, label=c) for i, c in enumerate(classes)
-        ]
+        handles = [axes[0].scatter([], [], color=cmap(i), s=20, label=c) for i, c in enumerate(classes)]
         fig.legend(handles=handles, title="label", loc="outside right center", fontsize=8)
-    fig.suptitle("PCA projection, coloured by label", fontsize=11)
+    fig.suptitle(wrap(f"Map: {map_method_text(doc)}", fig.get_figwidth() - 0.2, 10)
+                 + "\ncoloured by label; x: test images the linear probe got wrong", fontsize=10)
     return _png(fig)
+
+
+def _cka_figure(doc: Mapping[str, Any]) -> bytes:
+    cka = doc["cka"]
+    unbiased = cka["estimator"] == "unbiased"
+    return cka_heatmap(CKAResult(cka["names"], np.asarray(cka["matrix"]), cka["n"], unbiased))
 
 
 # --- the document as blocks ----------------------------------------------------------
@@ -460,62 +501,34 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
     ]
     untrained = [n for n in names if _pretrained(datasets[n]["provenance"]) is not True]
     if untrained:
-        blocks.append(
-            _Warning(
-                f"Not pretrained (or not recorded as pretrained): {', '.join(untrained)}. Their "
-                "weights are random init or none, so their scores are baselines, not transfer "
-                "from pretraining."
-            )
-        )
+        blocks.append(_Warning(
+            f"Not pretrained (or not recorded as pretrained): {', '.join(untrained)}. Their "
+            "weights are random init or none, so their scores are baselines, not transfer from pretraining."
+        ))
     if split["n_test"] < SMALL_TEST_SET:
         blocks.append(_Warning(small_test_set_warning(split["n_test"])))
     dropped = {n: datasets[n]["rows_dropped"] for n in names if datasets[n]["rows_dropped"]}
     if dropped:
-        blocks.append(
-            _Warning(
-                "Aligned on the ids every dataset shares; rows dropped: "
-                + ", ".join(f"{n}: {c}" for n, c in dropped.items())
-            )
-        )
+        blocks.append(_Warning("Aligned on the ids every dataset shares; rows dropped: "
+                               + ", ".join(f"{n}: {c}" for n, c in dropped.items())))
 
     blocks.append(_Heading(2, "Comparison"))
     top5 = _top5_measured(doc)
     headers = (
-        "#",
-        "Embeddings",
-        "Backbone",
-        "Layer",
-        "Dim",
-        "Weights",
-        f"Linear top-1 [{level:.0f}% CI]",
-        *(("Top-5",) if top5 else ()),
-        "Mean per-class",
-        "Macro-F1",
-        "C",
-        f"k-NN top-1 (k={k})" if k is not None else "k-NN top-1",
-        "Fit time",
+        "#", "Embeddings", "Backbone", "Layer", "Dim", "Weights", f"Linear top-1 [{level:.0f}% CI]",
+        *(("Top-5",) if top5 else ()), "Mean per-class", "Macro-F1", "C",
+        f"k-NN top-1 (k={k})" if k is not None else "k-NN top-1", "Fit time",
     )
     rows = []
     for rank, name in enumerate(names, start=1):
         entry = datasets[name]
         m, p = entry["metrics"], entry["provenance"]
-        rows.append(
-            (
-                str(rank),
-                name,
-                str(p.get("backbone")),
-                str(p.get("layer")),
-                str(p.get("dim")),
-                _weights_text(p),
-                f"{_pct(m['linear.top1'])} [{_ci(m)}]",
-                *((_pct(m["linear.top5"]),) if top5 else ()),
-                _pct(m["linear.mean_per_class"]),
-                _pct(m["linear.macro_f1"]),
-                f"{m['linear.C']:.3g}",
-                _pct(m[f"knn.k{k}.top1"]) if k is not None else "—",
-                f"{m['linear.fit_seconds']:.1f} s",
-            )
-        )
+        rows.append((
+            str(rank), name, str(p.get("backbone")), str(p.get("layer")), str(p.get("dim")), _weights_text(p),
+            f"{_pct(m['linear.top1'])} [{_ci(m)}]", *((_pct(m["linear.top5"]),) if top5 else ()),
+            _pct(m["linear.mean_per_class"]), _pct(m["linear.macro_f1"]), f"{m['linear.C']:.3g}",
+            _pct(m[f"knn.k{k}.top1"]) if k is not None else "—", f"{m['linear.fit_seconds']:.1f} s",
+        ))
     blocks.append(_Table(headers, tuple(rows)))
     leakage = {n: datasets[n].get("leakage") for n in names}
     if any(leakage.values()):
@@ -557,20 +570,15 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
         blocks.append(_Paragraph("One embeddings dataset only: there is no paired comparison."))
     else:
         alpha = 1.0 - config["confidence"]
-        verdict = (
-            f"a significant difference at the {100 * alpha:g}% level"
-            if paired["p_value"] < alpha
-            else f"no significant difference at the {100 * alpha:g}% level"
-        )
-        blocks.append(
-            _Paragraph(
-                f"Paired test of the two best, {paired['a']} vs {paired['b']} (exact McNemar on "
-                f"the same {paired['n']} test images): only {paired['a']} right on "
-                f"{paired['a_only']}, only {paired['b']} right on {paired['b_only']}; "
-                f"{_p_value(paired['p_value'])}, {verdict}. Intervals are Wilson score "
-                "intervals over the test images."
-            )
-        )
+        verdict = (f"{'a' if paired['p_value'] < alpha else 'no'} significant difference at the "
+                   f"{100 * alpha:g}% level")
+        blocks.append(_Paragraph(
+            f"Paired test of the two best, {paired['a']} vs {paired['b']} (exact McNemar on "
+            f"the same {paired['n']} test images): only {paired['a']} right on "
+            f"{paired['a_only']}, only {paired['b']} right on {paired['b_only']}; "
+            f"{_p_value(paired['p_value'])}, {verdict}. Intervals are Wilson score intervals over the "
+            "test images."
+        ))
 
     twins = doc.get("pretrained_vs_random") or []
     if twins:
@@ -609,56 +617,61 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
             _FigureRef("depth", "Linear-probe (with its interval) and k-NN accuracy against the "
                        "relative depth of each layer."),
         ]
+    blocks += _cka_blocks(doc)
     ks = [int(key[1:]) for key in next(iter(datasets.values()))["knn"]]
     blocks += [
-        _Heading(
-            2,
-            f"k-NN probe (cosine, votes weighted exp(similarity / {config['knn_temperature']:g}))",
-        ),
+        _Heading(2, f"k-NN probe (cosine, votes weighted exp(similarity / {config['knn_temperature']:g}))"),
         _Table(
             ("Embeddings", *(f"k={k} top-1" + (" / top-5" if top5 else "") for k in ks)),
             tuple(
-                (
-                    name,
-                    *(
-                        _pct(datasets[name]["metrics"][f"knn.k{k}.top1"])
-                        + (f" / {_pct(datasets[name]['metrics'][f'knn.k{k}.top5'])}" if top5 else "")
-                        for k in ks
-                    ),
-                )
+                (name, *(_pct(datasets[name]["metrics"][f"knn.k{k}.top1"])
+                         + (f" / {_pct(datasets[name]['metrics'][f'knn.k{k}.top5'])}" if top5 else "")
+                         for k in ks))
                 for name in names
             ),
         ),
         _Heading(2, "Figures"),
-        _FigureRef(
-            "accuracy", "Test accuracy per embeddings dataset, with its Wilson interval."
-        ),
+        _FigureRef("accuracy", "Test accuracy per embeddings dataset, with its Wilson interval."),
         _FigureRef(
             "validation_curve",
             f"Validation accuracy over the {len(config['Cs'])} values of C; the star marks the C "
             "each probe was refit with.",
         ),
         _FigureRef("confusion_matrix", f"Confusion matrix of the best embeddings, {names[0]}."),
-        _FigureRef(
-            "projection",
-            "First two principal components of up to "
-            f"{config['projection_samples']} L2-normalised rows (cosine geometry).",
-        ),
     ]
+    if doc.get("map"):
+        blocks.append(_FigureRef("map", f"The map of each embeddings dataset (`embedpipe map`'s reducer: "
+                                 f"{map_method_text(doc)}), coloured by label; x marks the test images "
+                                 "its linear probe got wrong."))
     if len(split["classes"]) <= _MAX_TICK_CLASSES:
-        blocks += [
-            _Heading(2, "Per-class accuracy (linear probe, test split)"),
-            _Table(
-                ("Class", *names),
-                tuple(
-                    (c, *(_pct(datasets[n]["linear"]["per_class_accuracy"][i]) for n in names))
-                    for i, c in enumerate(split["classes"])
-                ),
-            ),
-        ]
+        blocks += [_Heading(2, "Per-class accuracy (linear probe, test split)"), _Table(
+            ("Class", *names),
+            tuple((c, *(_pct(datasets[n]["linear"]["per_class_accuracy"][i]) for n in names))
+                  for i, c in enumerate(split["classes"])),
+        )]
     blocks += [_Heading(2, "Protocol")] + [_Paragraph(line) for line in _protocol(doc)]
     blocks.append(_provenance_table(doc))
     return blocks
+
+
+def _cka_blocks(doc: Mapping[str, Any]) -> list[_Block]:
+    """The CKA matrix as a table and a heatmap, and each depth series' consecutive layers."""
+    cka = doc.get("cka")
+    if not cka:
+        return []
+    blocks: list[_Block] = [_Heading(2, "Representation similarity (linear CKA)"), _Paragraph(
+        "Linear CKA (Kornblith et al. 2019; unbiased HSIC of Song et al. 2012, as `embedpipe compare`) "
+        f"between every pair of embeddings, on the same images: {_sample_text(doc)}. 1: the same "
+        "representation up to rotation and scale; near 0: unrelated.")]
+    if "error" in cka:
+        return [*blocks, _Warning(f"CKA not computed: {cka['error']}")]
+    at = {n: i for i, n in enumerate(cka["names"])}
+    blocks.append(_Table(("", *cka["names"]), tuple((n, *(f"{v:.3f}" for v in row))
+                                                    for n, row in zip(cka["names"], cka["matrix"]))))
+    for backbone, points in depth_series(doc).items():
+        steps = [f"{a} → {b} {cka['matrix'][at[a]][at[b]]:.3f}" for (_, a), (_, b) in pairwise(points)]
+        blocks.append(_Paragraph(f"Consecutive layers of {backbone}: " + " · ".join(steps)))
+    return [*blocks, _FigureRef("cka", "Linear CKA between every pair of embeddings datasets.")]
 
 
 def _preprocessing_text(p: Any) -> str:
@@ -705,14 +718,8 @@ def _provenance_table(doc: Mapping[str, Any]) -> _Table:
 def _protocol(doc: Mapping[str, Any]) -> list[str]:
     config = doc["config"]
     datasets = doc["datasets"]
-    preprocessing = [
-        step
-        for step, on in (
-            ("L2-normalised", config["l2_normalize"]),
-            ("standardised", config["standardize"]),
-        )
-        if on
-    ]
+    preprocessing = [step for step, on in (("L2-normalised", config["l2_normalize"]),
+                                           ("standardised", config["standardize"])) if on]
     unconverged = [n for n in doc["ranking"] if not datasets[n]["linear"]["converged"]]
     linear = (
         "Linear probe (Kornblith, Shlens & Le 2019): L2-regularised multinomial logistic "

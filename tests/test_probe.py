@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.base import clone
 from sklearn.datasets import load_digits
@@ -459,7 +460,7 @@ def test_probe_results_do_not_depend_on_row_order(stored_probe, reordering):
     np.testing.assert_array_equal(results.split.test_ids, stored.split.test_ids)
     for name in ("pix", "half"):
         assert correctness(results, name) == correctness(stored, name)
-    # everything else too: C, validation curves, k-NN, intervals, projection, paired test
+    # everything else too: C, validation curves, k-NN, intervals, the sample, paired test
     assert without_timings(results.to_dict()) == without_timings(stored.to_dict())
 
 
@@ -494,6 +495,42 @@ def test_given_test_datasets_pair_by_provenance(digits):
         run_probe(inputs(train, ""), config, test=inputs(np.arange(1100, 1300), "-test"))
     with pytest.raises(ProbeInputError, match="no test embeddings were made like 'pix'"):
         run_probe(inputs(train, "")[:1], config, test=inputs(test, "-test")[1:])
+
+
+@pytest.mark.parametrize("given_test", [False, True])
+def test_the_sample_holds_every_datasets_vectors_of_the_same_rows(digits, given_test):
+    """The rows the report maps and compares by CKA: a seeded uniform sample of every image
+    probed (given test images too), each dataset's vectors of those very images."""
+    X, y = digits
+    ids = np.array([f"img{i:05d}.png" for i in range(400)], dtype=object)
+    halves = {"pix": X[:400], "half": X[:400, ::2]}
+    rows = np.random.default_rng(5).permutation(400)  # stored out of id order
+
+    def inputs(part, suffix=""):
+        return [make_input(f"{n}{suffix}", v[part], y[part], ids=ids[part], backbone=n) for n, v in halves.items()]
+
+    config = ProbeConfig(knn_ks=(10,), Cs=(1.0,), projection_samples=120, seed=2)
+    if given_test:
+        train, test = rows[:300], rows[300:]
+        results = run_probe(inputs(train), config, test=inputs(test, "-test")[::-1])
+    else:
+        results = run_probe(inputs(rows), config)
+    sample = results.sample
+    assert sample.of == 400 and len(sample.ids) == 120 and len(set(sample.ids)) == 120
+    at = pd.Index(ids).get_indexer(sample.ids)
+    np.testing.assert_array_equal(sample.labels, y[at])  # class index == digit
+    for vectors, v in zip(sample.vectors, halves.values()):
+        np.testing.assert_array_equal(vectors, v[at])
+    in_test = np.isin(sample.ids, results.split.test_ids)
+    assert 0 < in_test.sum() < 120  # training and test images alike
+    if given_test:  # training rows first, then test rows, each in id order
+        assert not in_test[: (~in_test).sum()].any()
+        assert list(sample.ids[~in_test]) == sorted(sample.ids[~in_test])
+        assert list(sample.ids[in_test]) == sorted(sample.ids[in_test])
+    else:
+        assert list(sample.ids) == sorted(sample.ids)
+    doc = results.to_dict()["sample"]
+    assert doc == {"seed": 2, "of": 400, "ids": list(sample.ids), "labels": sample.labels.tolist()}
 
 
 def test_too_few_rows_per_class_are_refused(blobs):

@@ -8,12 +8,19 @@ import json
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
+from conftest import require
 from matplotlib.image import imread
 from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from embedpipe.compare import linear_cka
+from embedpipe.config import MapMethod
 from embedpipe.errors import ReportError
+from embedpipe.maps import MapParams, project
 from embedpipe.probe import ProbeConfig, ProbeInput, run_probe
 from embedpipe.report import (
     FIGURES_DIR,
@@ -21,15 +28,19 @@ from embedpipe.report import (
     MARKDOWN_FILE,
     RESULTS_FILE,
     load_results,
+    map_points,
     render_report,
+    views,
     write_report,
 )
 
-FIGURES = ("accuracy", "validation_curve", "confusion_matrix", "projection")
+FIGURES = ("accuracy", "validation_curve", "confusion_matrix", "map", "cka")
+#: the map of the reports here: PCA, fast; UMAP's first fit in a process compiles for ~20 s
+PCA_MAP = MapParams(method=MapMethod.PCA)
 
 
 @pytest.fixture(scope="module")
-def results():
+def inputs():
     """Digits as two 'backbones': pixels (recorded as pretrained) and a random projection."""
     X, y = load_digits(return_X_y=True)
     X, y = X[:600].astype(np.float32), y[:600]
@@ -45,12 +56,16 @@ def results():
             "preprocessing": {"resize_size": 8},
         }
 
-    inputs = [
+    return [
         ProbeInput("pixels", ids, y.astype(object), X, meta("pixels", "IMAGENET1K_V1", True, 64)),
         ProbeInput(
             "random", ids, y.astype(object), X @ projection, meta("randproj", "none", False, 24)
         ),
     ]
+
+
+@pytest.fixture(scope="module")
+def results(inputs):
     with threadpool_limits(limits=1):  # tiny problem: see test_probe.one_blas_thread
         return run_probe(inputs, ProbeConfig(knn_ks=(10, 20, 100)))
 
@@ -58,13 +73,14 @@ def results():
 @pytest.fixture(scope="module")
 def report_dir(results, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    write_report(results, out)
+    write_report(results, out, map_params=PCA_MAP)
     return out
 
 
 def test_results_json_has_the_documented_names(report_dir, results):
     doc = json.loads((report_dir / RESULTS_FILE).read_text())
-    assert doc == json.loads(json.dumps(results.to_dict()))
+    assert set(doc) - set(results.to_dict()) == {"map", "cka"}  # the views write_report adds
+    assert {k: v for k, v in doc.items() if k not in ("map", "cka")} == json.loads(json.dumps(results.to_dict()))
     assert doc["ranking"] == list(results.ranking)
     for name in ("pixels", "random"):
         metrics = doc["datasets"][name]["metrics"]
@@ -155,7 +171,7 @@ def test_top5_columns_are_left_out_with_five_classes_or_fewer(tmp_path):
     with threadpool_limits(limits=1):
         results = run_probe([ProbeInput("pixels", ids, y.astype(object), X, meta)],
                             ProbeConfig(knn_ks=(10,)))
-    markdown = write_report(results, tmp_path).markdown.read_text()
+    markdown = write_report(results, tmp_path, map_params=PCA_MAP).markdown.read_text()
     assert "Top-5" not in markdown and "top-5" not in markdown
     assert f"Only {results.split.n_test} test images" in markdown  # a small test set is flagged
 
@@ -196,7 +212,7 @@ def test_datasets_of_one_backbone_at_several_depths_get_a_depth_curve(tmp_path):
               stage("gap", None, 4.0)]
     with threadpool_limits(limits=1):
         results = run_probe(inputs, ProbeConfig(knn_ks=(10,), Cs=(0.01, 1.0)))
-    files = write_report(results, tmp_path)
+    files = write_report(results, tmp_path, map_params=PCA_MAP)
     doc = json.loads((tmp_path / RESULTS_FILE).read_text())
     assert depth_series(doc) == {
         "resnet18 (w)": [(0.25, "layer1"), (0.5, "layer2"), (0.75, "layer3"), (1.0, "gap")]
@@ -205,3 +221,85 @@ def test_datasets_of_one_backbone_at_several_depths_get_a_depth_curve(tmp_path):
     best = max(results.datasets, key=lambda d: d.linear.metrics.top1)
     assert "## Transfer by depth" in markdown and f"| {best.name} (depth" in markdown
     assert "(figures/depth.png)" in markdown and (tmp_path / FIGURES_DIR / "depth.png").is_file()
+    # CKA between the layers, and between each layer and the next, shallow to deep
+    cka = doc["cka"]
+    assert cka["names"] == ["layer1", "layer2", "layer3", "gap"]
+    step = [cka["matrix"][i][i + 1] for i in (0, 1)] + [cka["matrix"][2][3]]
+    assert ("Consecutive layers of resnet18 (w): layer1 → layer2 {:.3f} · layer2 → layer3 {:.3f} · "
+            "layer3 → gap {:.3f}".format(*step)) in markdown
+
+
+# --- the map and the CKA matrix --------------------------------------------------------
+
+
+def test_map_marks_exactly_the_test_images_the_linear_probe_got_wrong(report_dir, inputs):
+    """Recomputed independently: scikit-learn's LogisticRegression at the selected C on the
+    same split (train + validation rows standardised, in id order)."""
+    doc = json.loads((report_dir / RESULTS_FILE).read_text())
+    split = doc["split"]
+    test = np.isin(inputs[0].ids, split["test_ids"])
+    assert doc["sample"]["of"] == len(doc["sample"]["ids"]) == 600  # all rows: every test row is on the map
+    for d in inputs:
+        X = d.vectors.astype(np.float64)
+        y = d.labels.astype(np.int64)
+        scaler = StandardScaler().fit(X[~test])
+        linear = doc["datasets"][d.name]["linear"]
+        reference = LogisticRegression(C=linear["C"], max_iter=doc["config"]["max_iter"], tol=doc["config"]["tol"])
+        reference.fit(scaler.transform(X[~test]), y[~test])
+        wrong = set(d.ids[test][reference.predict(scaler.transform(X[test])) != y[test]])
+        assert len(wrong) >= 3  # something to mark
+        _, labels, marked = map_points(doc, d.name)
+        assert set(np.asarray(doc["sample"]["ids"])[marked]) == wrong
+        assert labels.tolist() == [int(v) for v in d.labels]  # coloured by label (digits: index == label)
+
+
+@pytest.mark.parametrize("method", [MapMethod.PCA, pytest.param(MapMethod.UMAP, marks=pytest.mark.slow)])
+def test_map_coordinates_are_those_of_embedpipe_map_for_the_same_seed(results, inputs, method, tmp_path):
+    if method is MapMethod.UMAP:
+        require("umap", "UMAP maps")
+    params = MapParams(method=method, seed=3)
+    write_report(results, tmp_path, map_params=params)
+    doc = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert doc["map"]["params"]["method"] == method.value and doc["map"]["params"]["seed"] == 3
+    for d in inputs:
+        rows = pd.Index(d.ids).get_indexer(doc["sample"]["ids"])
+        expected, _, _ = project(d.vectors[rows], params)
+        xy, _, _ = map_points(doc, d.name)
+        np.testing.assert_allclose(xy, expected, atol=6e-5, rtol=0)  # results.json rounds to 1e-4
+    title = {MapMethod.PCA: "PCA · seed 3", MapMethod.UMAP: "UMAP · n_neighbors 15 · min_dist 0.1 · cosine · seed 3"}
+    assert title[method] in (tmp_path / MARKDOWN_FILE).read_text()
+
+
+def test_cka_matrix_is_compare_linear_cka_of_the_aligned_vectors(report_dir, inputs):
+    doc = json.loads((report_dir / RESULTS_FILE).read_text())
+    cka = doc["cka"]
+    assert cka["names"] == ["pixels", "random"] and cka["estimator"] == "unbiased" and cka["n"] == 600
+    matrix = np.asarray(cka["matrix"])
+    np.testing.assert_array_equal(matrix, matrix.T)
+    np.testing.assert_allclose(np.diag(matrix), 1.0, rtol=0, atol=1e-12)
+    direct = linear_cka(inputs[0].vectors, inputs[1].vectors, unbiased=True)
+    np.testing.assert_allclose(matrix[0, 1], direct, rtol=1e-12)
+    assert 0.3 < direct < 0.99  # related representations, not the same one
+    markdown = (report_dir / MARKDOWN_FILE).read_text()
+    assert "## Representation similarity (linear CKA)" in markdown and f"| pixels | 1.000 | {direct:.3f} |" in markdown
+
+
+def test_cka_is_one_for_an_orthogonal_rotation_and_sampled_when_large(inputs):
+    """CKA is invariant to rotations; on more rows than ``projection_samples`` it is
+    computed on a seeded sample of them, the rows the map shows."""
+    pixels = inputs[0]
+    rotation, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(64, 64)))
+    rotated = ProbeInput("rotated", pixels.ids, pixels.labels, pixels.vectors @ rotation.astype(np.float32),
+                         {**pixels.meta, "backbone": "rotated"})
+    random = inputs[1]
+    with threadpool_limits(limits=1):
+        results = run_probe([pixels, rotated, random], ProbeConfig(knn_ks=(10,), Cs=(1.0,), projection_samples=150))
+    doc = views(results, PCA_MAP)
+    cka = np.asarray(doc["cka"]["matrix"])
+    assert doc["cka"]["n"] == len(results.sample.ids) == 150 and results.sample.of == 600
+    np.testing.assert_allclose(cka[0, 1], 1.0, atol=1e-6)
+    rows = pd.Index(pixels.ids).get_indexer(results.sample.ids)
+    np.testing.assert_allclose(cka[0, 2], linear_cka(pixels.vectors[rows], random.vectors[rows], unbiased=True),
+                               rtol=1e-12)
+    # a different sample gives a different estimate: the sample was used, not all rows
+    assert abs(cka[0, 2] - linear_cka(pixels.vectors, random.vectors, unbiased=True)) > 1e-6

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..config import DUPLICATE_SIMILARITY, IdAlignment
+from ..config import DUPLICATE_SIMILARITY, IdAlignment, MapMethod
 from ._common import enum_choice, friendly_errors, table_columns
 from .app import main
 
@@ -24,7 +24,9 @@ def _names(paths: tuple[Path, ...]) -> list[str]:
               help="Held-out fraction (stratified, seeded); ignored with --test.")
 @click.option("--test", "tests", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="A given test split: embeddings of the test images, one per backbone (repeatable).")
-@click.option("--seed", type=int, default=0, help="Seeds the split, the bootstrap and the projection.")
+@click.option("--seed", type=int, default=0, help="Seeds the split, the bootstrap and the map.")
+@click.option("--map-method", type=enum_choice(MapMethod), default=MapMethod.UMAP.value,
+              help="The report's map of the images: umap (needs the map extra), pca or tsne.")
 @click.option("--align", type=enum_choice(IdAlignment), default=IdAlignment.STRICT.value,
               help="strict: datasets must hold the same ids; intersect: probe the ids they share.")
 @click.option("--standardize/--no-standardize", default=True, help="Standardise features for the linear probe.")
@@ -36,13 +38,16 @@ def _names(paths: tuple[Path, ...]) -> list[str]:
 @table_columns
 @friendly_errors
 def probe(embeddings: tuple[Path, ...], out: Path, test_size: float, tests: tuple[Path, ...], seed: int,
-          align: str, standardize: bool, l2_normalize: bool, jobs: int, duplicate_similarity: float,
+          map_method: str, align: str, standardize: bool, l2_normalize: bool, jobs: int, duplicate_similarity: float,
           columns: dict | None) -> None:
     """Linear-probe and k-NN evaluation of each EMBEDDINGS dataset, compared in one report
     (embedpipe's datasets, or tables other tools wrote: see --id-column)."""
+    from ..maps import MapParams, check_available
     from ..probe import SMALL_TEST_SET, ProbeConfig, ProbeInput, run_probe
     from ..report import small_test_set_warning, write_report
     from ..tables import Columns, read_any
+
+    check_available(MapMethod(map_method))  # before the probe, not after it
 
     where = Columns(**columns) if columns else Columns()
     inputs = [ProbeInput.from_embeddings(read_any(p, where), name=n) for p, n in zip(embeddings, _names(embeddings))]
@@ -50,7 +55,7 @@ def probe(embeddings: tuple[Path, ...], out: Path, test_size: float, tests: tupl
     config = ProbeConfig(test_size=test_size, seed=seed, align=IdAlignment(align), standardize=standardize,
                          l2_normalize=l2_normalize, n_jobs=jobs, duplicate_similarity=duplicate_similarity)
     results = run_probe(inputs, config, test=test_inputs or None)
-    files = write_report(results, out)
+    files = write_report(results, out, map_params=MapParams(method=map_method, seed=seed))
     if results.split.n_test < SMALL_TEST_SET:
         click.echo(f"warning: {small_test_set_warning(results.split.n_test)}", err=True)
     for name, d in results.to_dict()["datasets"].items():

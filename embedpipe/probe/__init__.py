@@ -37,7 +37,7 @@ from .inputs import (
 )
 from .knn import CosineKNNClassifier, knn_vote_scores
 from .linear import LinearProbeCV, linear_preprocessing, split_by_id, stratified_split
-from .results import DatasetResult, LinearResult, ProbeResults, Projection, SplitSummary
+from .results import DatasetResult, LinearResult, ProbeResults, Sample, SplitSummary
 from .run import pretrained_pairs, run_probe
 from .stats import (
     SMALL_TEST_SET,
@@ -52,7 +52,7 @@ __all__ = [
     "DINO_KS", "DINO_TEMPERATURE", "KORNBLITH_CS", "PROVENANCE_KEYS", "RESULTS_SCHEMA",
     "ClassificationMetrics", "CosineKNNClassifier", "DatasetResult", "IdAlignment",
     "LinearProbeCV", "LinearResult", "PairedTest", "ProbeConfig", "ProbeInput",
-    "ProbeResults", "Projection", "SplitKind", "SplitSummary", "SMALL_TEST_SET", "accuracy_ci",
+    "ProbeResults", "Sample", "SplitKind", "SplitSummary", "SMALL_TEST_SET", "accuracy_ci",
     "classification_metrics", "knn_vote_scores", "linear_preprocessing", "mcnemar_exact",
     "pretrained_pairs", "run_probe", "split_by_id", "stratified_split",
 ]

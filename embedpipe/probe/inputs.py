@@ -59,7 +59,7 @@ class ProbeConfig:
     datasets are probed at once (joblib semantics: -1 is every core; with one dataset, its
     ``n_chains`` warm-started C paths run at once instead, see :class:`LinearProbeCV`).
     ``confidence`` is the level of the Wilson interval of test accuracy;
-    ``projection_samples`` rows are drawn for the 2-D PCA view. Results do not depend on
+    ``projection_samples`` rows (seeded) are kept for the report's map and CKA matrix. Results do not depend on
     ``n_jobs``.
     """
 

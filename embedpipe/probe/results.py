@@ -43,13 +43,21 @@ class LinearResult:
         return self.search_seconds + self.refit_seconds
 
 
-@dataclass(frozen=True)
-class Projection:
-    """2-D PCA view of a sample of rows: ``points`` (m, 2) float32, ``labels`` (m,) int."""
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """A seeded uniform sample of the images a run saw (training and test rows alike), with
+    every dataset's vectors of them: what the report's map and CKA matrix are computed on.
 
-    points: np.ndarray
+    ``ids`` (m,) object and ``labels`` (m,) int64 class indices, training rows first, each
+    part in id order; ``vectors``: one (m, D_i) float array per dataset, in
+    ``ProbeResults.datasets`` order; ``of``: the rows it was drawn from. results.json keeps
+    the ids and labels, not the vectors.
+    """
+
+    ids: np.ndarray
     labels: np.ndarray
-    explained_variance_ratio: tuple[float, float]
+    vectors: tuple[np.ndarray, ...]
+    of: int
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,6 @@ class DatasetResult:
     linear: LinearResult
     knn: dict[int, ClassificationMetrics | None]
     knn_seconds: float
-    projection: Projection
     #: (n_test,) bool: test rows whose nearest training row is a near duplicate
     #: (cosine >= embedpipe.config.DUPLICATE_SIMILARITY), and linear top-1 without them
     leaked: np.ndarray | None = None
@@ -121,6 +128,7 @@ class ProbeResults:
     created_at: str
     #: each pretrained embedding against its random-init twin (same backbone and layer)
     pretrained_vs_random: tuple[PairedTest, ...] = ()
+    sample: Sample | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready document (schema :data:`RESULTS_SCHEMA`)."""
@@ -151,6 +159,12 @@ class ProbeResults:
             "ranking": list(self.ranking),
             "paired_test": None if self.paired_test is None else asdict(self.paired_test),
             "pretrained_vs_random": [asdict(t) for t in self.pretrained_vs_random],
+            "sample": None if self.sample is None else {
+                "seed": self.config.seed,
+                "of": self.sample.of,
+                "ids": [str(i) for i in self.sample.ids],
+                "labels": self.sample.labels.tolist(),
+            },
         }
 
 
@@ -193,9 +207,4 @@ def _dataset_dict(d: DatasetResult) -> dict[str, Any]:
             "refit_seconds": lin.refit_seconds,
         },
         "knn": {f"k{k}": None if m is None else _metrics_detail(m) for k, m in d.knn.items()},
-        "projection": {
-            "explained_variance_ratio": list(d.projection.explained_variance_ratio),
-            "points": np.round(d.projection.points.astype(np.float64), 4).tolist(),
-            "labels": d.projection.labels.tolist(),
-        },
     }

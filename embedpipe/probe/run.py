@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 from joblib import delayed, effective_n_jobs
-from sklearn.decomposition import PCA
 
 from ..errors import (
     ProbeInputError,
@@ -20,7 +19,7 @@ from .align import align_datasets, check_class_counts, check_inputs, label_key, 
 from .inputs import EXAMPLES, ProbeConfig, ProbeInput, SplitKind
 from .knn import CosineKNNClassifier, knn_vote_scores
 from .linear import LinearProbeCV, linear_preprocessing, run_threads, split_by_id
-from .results import DatasetResult, LinearResult, ProbeResults, Projection, SplitSummary
+from .results import DatasetResult, LinearResult, ProbeResults, Sample, SplitSummary
 from .stats import (
     ClassificationMetrics,
     accuracy_ci,
@@ -98,8 +97,15 @@ def run_probe(
         y_test = np.array([class_index[v] for v in aligned_test.labels], dtype=np.int64)
         test_ids = aligned_test.ids
 
-    rng = np.random.default_rng(config.seed)
-    sample = np.sort(rng.permutation(len(y))[: config.projection_samples])
+    if test is None:
+        sample = _sample(aligned.ids, y, [(v,) for v in aligned.vectors], config)
+    else:
+        sample = _sample(
+            np.concatenate([aligned.ids, aligned_test.ids]),
+            np.concatenate([y, y_test]),
+            list(zip(aligned.vectors, aligned_test.vectors)),
+            config,
+        )
     # Datasets are independent: probe several at once, each on its share of the cores.
     # With one dataset, the estimator's own C paths get the parallelism instead.
     n_workers = min(effective_n_jobs(config.n_jobs), len(datasets))
@@ -111,7 +117,6 @@ def run_probe(
                 aligned.dropped[i],
                 (X_fit[i], y_fit),
                 (X_test[i], y_test),
-                (aligned.vectors[i][sample], y[sample]),
                 len(classes),
                 config,
                 n_jobs=config.n_jobs if n_workers == 1 else 1,
@@ -150,7 +155,29 @@ def run_probe(
         paired_test=paired,
         pretrained_vs_random=twins,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        sample=sample,
     )
+
+
+def _sample(
+    ids: np.ndarray, y: np.ndarray, parts: Sequence[tuple[np.ndarray, ...]], config: ProbeConfig
+) -> Sample:
+    """A seeded uniform sample of at most ``config.projection_samples`` of the rows ``ids``
+    (n,) names, for the views compared across datasets (the report's map and CKA). Each
+    ``parts[i]`` holds dataset i's vectors of those rows, split in consecutive blocks
+    (training rows, then given test rows): gathered block by block, never concatenated."""
+    rng = np.random.default_rng(config.seed)
+    rows = np.sort(rng.permutation(len(ids))[: config.projection_samples])
+
+    def gather(blocks: tuple[np.ndarray, ...]) -> np.ndarray:
+        out, start = [], 0
+        for block in blocks:
+            mine = rows[(rows >= start) & (rows < start + len(block))]
+            out.append(block[mine - start])
+            start += len(block)
+        return np.concatenate(out)
+
+    return Sample(ids[rows], y[rows], tuple(gather(p) for p in parts), len(ids))
 
 
 def _probe_dataset(
@@ -158,14 +185,13 @@ def _probe_dataset(
     rows_dropped: int,
     fit: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
-    sample: tuple[np.ndarray, np.ndarray],
     n_classes: int,
     config: ProbeConfig,
     *,
     n_jobs: int | None,
 ) -> DatasetResult:
-    """Both probes and the projection of one dataset; ``fit``, ``test``, ``sample`` are
-    (X (n, D) float, y (n,) int class indices) pairs."""
+    """Both probes of one dataset; ``fit`` and ``test`` are (X (n, D) float, y (n,) int
+    class indices) pairs."""
     logger.info(
         "probing %r: %d training and %d test rows, %d dims",
         d.name,
@@ -175,7 +201,6 @@ def _probe_dataset(
     )
     linear = _linear(*fit, *test, config, n_jobs=n_jobs)
     knn, knn_seconds = _knn(*fit, *test, n_classes, config)
-    projection = _projection(*sample, config.seed)
     leaked = leaked_test_rows(fit[0], test[0], config.duplicate_similarity)
     clean = ~leaked
     top1_leak_free = float((linear.predictions[clean] == test[1][clean]).mean()) if clean.any() else None
@@ -187,8 +212,8 @@ def _probe_dataset(
         linear.fit_seconds,
         ", ".join(f"k={k} {m.top1:.4f}" for k, m in knn.items() if m is not None),
     )
-    return DatasetResult(d.name, d.provenance, rows_dropped, linear, knn, knn_seconds, projection,
-                         leaked, top1_leak_free)
+    return DatasetResult(d.name, d.provenance, rows_dropped, linear, knn, knn_seconds, leaked,
+                         top1_leak_free)
 
 
 def leaked_test_rows(X_fit: np.ndarray, X_test: np.ndarray, threshold: float) -> np.ndarray:
@@ -292,14 +317,3 @@ def _knn(
             out[k] = classification_metrics(y_test, scores)
     return out, time.perf_counter() - start
 
-
-def _projection(X: np.ndarray, labels: np.ndarray, seed: int) -> Projection:
-    """PCA of the L2-normalised rows: the cosine geometry the k-NN probe and search use,
-    and ``embedpipe map --method pca``'s. (The linear probe's standardisation would let a
-    nearly constant feature, scaled up, take all the variance.)"""
-    x = np.asarray(X, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    pca = PCA(n_components=2, random_state=seed)
-    points = pca.fit_transform(x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-    ratio = pca.explained_variance_ratio_
-    return Projection(points, labels.astype(np.int64), (float(ratio[0]), float(ratio[1])))
