@@ -505,20 +505,10 @@ class _PartSet:
         table = _Journal.recover(journal.path)
         self.commit(table if table is not None else self.schema.empty_table(), [journal.path])
 
-    def read_columns(self, columns: list[str]) -> pa.Table:
-        tables = [read_parquet(p, columns=columns) for p in self.parts()]
-        return pa.concat_tables(tables) if tables else self.schema.empty_table().select(columns)
-
-    def file_stats(self) -> dict[str, tuple[int, int]]:
-        """id -> (size, mtime_ns) of the source file, for every committed row."""
-        t = self.read_columns(["id", "size", "mtime_ns"])
-        ids, sizes, mtimes = (t.column(c).to_pylist() for c in ("id", "size", "mtime_ns"))
-        return dict(zip(ids, zip(sizes, mtimes)))
-
-    def labels(self) -> dict[str, str | None]:
-        """id -> label of every committed row."""
-        t = self.read_columns(["id", "label"])
-        return dict(zip(t.column("id").to_pylist(), t.column("label").to_pylist()))
+    def blocks(self, columns: list[str]) -> Iterator[pa.Table]:
+        """``columns`` of the committed rows, one part at a time (memory: one part's)."""
+        for p in self.parts():
+            yield read_parquet(p, columns=columns)
 
     def relabel(self, labels: dict[str, str | None]) -> int:
         """Rewrite the parts holding any id of ``labels`` with those labels (vectors and
@@ -692,16 +682,16 @@ class DatasetWriter:
 
     # -- state and appends
 
-    def embedded(self) -> dict[str, tuple[int, int]]:
-        """id -> (size, mtime_ns) of every committed embedding."""
-        return self.embeddings.file_stats()
+    def blocks(self, columns: list[str], *, errors: bool = False) -> Iterator[pa.Table]:
+        """``columns`` of the committed embeddings (or error rows), a part at a time."""
+        return (self.errors if errors else self.embeddings).blocks(columns)
 
-    def ids(self) -> pa.Array:
-        """The ids of every committed embedding and error row, as one Arrow array."""
-        return pa.concat_arrays([
-            parts.read_columns(["id"]).column("id").combine_chunks()
-            for parts in (self.embeddings, self.errors)
-        ])
+    def ids(self, *, errors: bool | None = None) -> pa.Array:
+        """The ids of the committed embeddings (``errors=False``), error rows (``True``) or
+        both (``None``), as one Arrow array."""
+        kinds = [False, True] if errors is None else [errors]
+        chunks = [t.column("id").combine_chunks() for e in kinds for t in self.blocks(["id"], errors=e)]
+        return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
 
     def containers(self) -> dict[str, dict]:
         """name -> the last record of each container: ``size``, ``mtime_ns``, ``complete``."""
@@ -735,10 +725,6 @@ class DatasetWriter:
 
     def append_errors(self, table: pa.Table) -> None:
         self.errors.append(table)
-
-    def labels(self) -> dict[str, str | None]:
-        """id -> label of every committed embedding."""
-        return self.embeddings.labels()
 
     def relabel(self, labels: dict[str, str | None]) -> int:
         """Change the labels of committed embeddings in place; returns the rows changed."""

@@ -315,7 +315,7 @@ def test_a_folder_in_the_old_layout_is_read_and_moved_to_the_new_one(tmp_path):
     assert dataset_info(out)["errors"] == 1
     assert sorted(read_embeddings(out).ids) == [f"img/{i:04d}.jpg" for i in range(4)]
     with DatasetWriter(out, META, part_rows=100) as w:
-        assert sorted(w.embedded()) == [f"img/{i:04d}.jpg" for i in range(6)]
+        assert sorted(w.ids(errors=False).to_pylist()) == [f"img/{i:04d}.jpg" for i in range(6)]
     assert sorted(p.name for p in out.iterdir()) == [p.name for p in list_parts(out)]
     assert sorted(read_embeddings(out).ids) == [f"img/{i:04d}.jpg" for i in range(6)]
     assert read_errors(out)["id"].tolist() == ["bad.jpg"]
@@ -326,6 +326,6 @@ def test_a_dataset_moved_without_its_sidecar_keeps_its_rows_and_identity(tmp_pat
     write(tmp_path / "emb", [(0, 4)])
     (tmp_path / "emb").rename(tmp_path / "moved")
     with DatasetWriter(tmp_path / "moved", META) as w:
-        assert len(w.embedded()) == 4
+        assert len(w.ids(errors=False)) == 4
     with pytest.raises(MetadataMismatchError, match="dim"):
         DatasetWriter(tmp_path / "moved", {**META, "dim": DIM * 2}).__enter__()

@@ -29,7 +29,7 @@ from ..config import ExtractConfig
 from ..errors import SourceError, TooManyErrorsError
 from ..images.containers import Container
 from ..images.decode import DecodeFailure
-from ..images.sources import ImageRecord
+from ..images.sources import ImageRecord, Listing
 from ..provenance import Provenance
 from ..store import ERRORS_SCHEMA
 from .layers import ConcatStages, DatasetGroup
@@ -132,31 +132,43 @@ def load_embedder(config: ExtractConfig) -> Embedder | ConcatStages:
 
 
 def begin(
-    writer: DatasetGroup, records: list[ImageRecord], out: str, runtime: dict
-) -> tuple[list[ImageRecord], ExtractSummary]:
-    """What a (re-)run still has to do, and its summary so far: ``(records to embed, summary)``.
+    writer: DatasetGroup, listing: Listing, out: str, runtime: dict
+) -> tuple[Listing, ExtractSummary]:
+    """What a (re-)run still has to do, and its summary so far: ``(images to embed, summary)``.
 
     A row is current while its file has the same size and mtime: rows of changed or
     deleted files are dropped from the dataset (embeddings and error records alike), and
     changed files embedded again. A row whose label alone changed (a manifest fixed) is
     relabelled in place, without embedding the image again.
+
+    The dataset is read a part at a time (ids, sizes, mtimes, labels) and each row is
+    looked up in the listing by binary search: memory is the listing's columns, a part,
+    and one flag per image, however large the collection.
     """
-    embedded, errored = writer.embedded(), writer.errored()
-    current = {r.id: r for r in records}
-
-    def changed(i: str, stats: tuple[int, int]) -> bool:
-        r = current.get(i)
-        return r is None or (r.size, r.mtime_ns) != stats
-
-    stale = {i for i, st in embedded.items() if changed(i, st)}
-    stale |= {i for i, st in errored.items() if changed(i, st)}
-    dropped = sum(writer.drop(stale))
-    labels = writer.labels()
-    relabel = {i: current[i].label for i in embedded if i not in stale and labels[i] != current[i].label}
+    done = np.zeros(len(listing), bool)
+    stale: list[str] = []
+    relabel: dict[str, str | None] = {}
+    for errors in (False, True):
+        columns = ["id", "size", "mtime_ns"] + ([] if errors else ["label"])
+        for t in writer.blocks(columns, errors=errors):
+            ids = t.column("id")
+            pos, found = listing.find(ids)
+            current = found & (listing.size[pos] == t.column("size").to_numpy()) \
+                & (listing.mtime_ns[pos] == t.column("mtime_ns").to_numpy())
+            stale += ids.filter(pa.array(~current)).to_pylist()
+            done[pos[current]] = True
+            if not errors and current.any():
+                kept = pa.array(current)
+                old, new = t.column("label").filter(kept), listing.labels.take(pa.array(pos[current])).cast(pa.string())
+                differ = pc.invert(pc.fill_null(pc.equal(old, new), False)) if len(old) else pa.array([], pa.bool_())
+                differ = pc.and_(differ, pc.invert(pc.and_(pc.is_null(old), pc.is_null(new))))
+                for i, label in zip(ids.filter(kept).filter(differ).to_pylist(), new.filter(differ).to_pylist()):
+                    relabel[i] = label
+    dropped = sum(writer.drop(set(stale)))
     relabelled = writer.relabel(relabel)
-    todo = [r for r in records if (r.id not in embedded and r.id not in errored) or r.id in stale]
+    todo = listing.take(np.flatnonzero(~done))
     summary = ExtractSummary(
-        out=out, images=len(records), embedded=0, skipped=len(records) - len(todo), errors=0,
+        out=out, images=len(listing), embedded=0, skipped=len(listing) - len(todo), errors=0,
         dropped=dropped, relabelled=relabelled, runtime=runtime,
     )
     return todo, summary
@@ -373,6 +385,14 @@ def errors_table(failed: Failed) -> pa.Table:
         },
         schema=ERRORS_SCHEMA,
     )
+
+
+def counter(what: str, enabled: bool):
+    """A counting spinner (``listing: 1,234,567 files``), so that listing ten million
+    files is not minutes of a silent terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=what, unit=" files", disable=not enabled, dynamic_ncols=True, mininterval=0.5)
 
 
 def progress_bar(total: int | None, enabled: bool):

@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
@@ -88,8 +90,12 @@ class DatasetGroup:
         layers' commits), so that they are embedded again in all of them."""
         if len(self.targets) < 2:
             return
-        held = [set(w.embedded()) for w, _ in self.targets]
-        partial = set.union(*held) - set.intersection(*held)
+        held = [w.ids(errors=False) for w, _ in self.targets]
+        # an id some layer lacks is in one layer's ids but not in another's
+        partial = {
+            i for a in held for b in held
+            for i in a.filter(pc.invert(pc.is_in(a, value_set=b))).to_pylist()
+        }
         if partial:
             for writer, _ in self.targets:
                 writer.drop(partial)
@@ -98,17 +104,11 @@ class DatasetGroup:
     def first(self) -> DatasetWriter:
         return self.targets[0][0]
 
-    def embedded(self) -> dict[str, tuple[int, int]]:
-        return self.first.embedded()
+    def blocks(self, columns: list[str], *, errors: bool = False) -> Iterator[pa.Table]:
+        return self.first.blocks(columns, errors=errors)
 
-    def errored(self) -> dict[str, tuple[int, int]]:
-        return self.first.errored()
-
-    def labels(self) -> dict[str, str | None]:
-        return self.first.labels()
-
-    def ids(self) -> pa.Array:
-        return self.first.ids()
+    def ids(self, *, errors: bool | None = None) -> pa.Array:
+        return self.first.ids(errors=errors)
 
     def containers(self) -> dict[str, dict]:
         return self.first.containers()

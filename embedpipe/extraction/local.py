@@ -35,6 +35,7 @@ from .job import (
     begin_containers,
     build_provenance,
     load_embedder,
+    counter,
     progress_bar,
 )
 from .layers import open_group
@@ -96,7 +97,9 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
         config.source, image_column=config.image_column, id_column=config.id_column,
         label_column=config.label_column,
     )
-    records = open_source(config.source) if containers is None else []
+    if containers is None:
+        with counter("listing", progress) as listed:
+            records = open_source(config.source, progress=listed.update)
     provenance = build_provenance(embedder, config, {"engine": "local", **runtime.to_dict()})
     torch.set_num_threads(runtime.threads)
     forward = BatchEmbedder(embedder, runtime, l2_normalize=config.normalize)
