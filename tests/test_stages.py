@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from embedpipe.backbones import FAMILIES, get_spec, load_classifier
+from embedpipe.backbones import FAMILIES, get_spec, load_backbone, load_classifier
 from embedpipe.backbones.stages import stage_embedder
+from embedpipe.config import Layer
 from embedpipe.errors import UnknownLayerError
 
 # one small model per family: (name, input side, the stage modules written out by hand)
@@ -71,6 +72,12 @@ def test_explicit_layers_and_a_helpful_error_for_an_unknown_one():
     emb = stage_embedder("lenet5", weights="none", layers=("features.4", "features.1"))
     assert emb.stages == ("features.1", "features.4")  # run order
     assert emb.dims == {"features.1": 6, "features.4": 16}
+    # gap among the layers: the backbone's own embedding, from the same pass
+    emb = stage_embedder("lenet5", weights="none", layers=("gap", "features.4"))
+    assert emb.stages == ("features.4", "gap") and emb.dims["gap"] == get_spec("lenet5").dims[Layer.GAP]
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(emb(x)["gap"], load_backbone("lenet5", weights="none")(x))
     with pytest.raises(UnknownLayerError, match=r"no module 'features\.44'.*Did you mean features\.4"):
         stage_embedder("lenet5", weights="none", layers=("features.44",))
     with pytest.raises(UnknownLayerError, match="no child of class 'MaxPool2d'"):

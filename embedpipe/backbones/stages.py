@@ -9,6 +9,16 @@ every stage, and the pass stops after the deepest stage (the head is never compu
 
 The stage modules of each family are its row's ``stages`` in :mod:`.families`; selectors
 there (``features[MaxPool2d]``, ``features[resolution]``) resolve per model here.
+
+timm models publish their stages themselves: ``feature_info`` names the module that ends
+each one (``act1, layer1 .. layer4`` for ResNets, ``stages.0 .. stages.3`` for ConvNeXt,
+``blocks.0, .1, .2, .4, .6`` for EfficientNet-B0), and those module paths are the stage
+names here. They come out of the model's own ``forward_intermediates`` (one pass that stops
+after the deepest stage asked for), or, where a model has none, from hooks on those modules
+(what ``features_only=True`` returns).
+
+``gap`` may be one of the layers (``layers=("layer2", "layer3", "gap")``): the backbone's
+own embedding, exactly ``load_backbone(name, layer="gap")``'s, from the same pass.
 """
 
 from __future__ import annotations
@@ -26,6 +36,10 @@ from ..provenance import WeightsInfo
 from .embedder import load_backbone
 from .registry import get_spec
 from .spec import BackboneSpec
+from .timm import timm_stages
+
+#: the backbone's own embedding (its ``gap`` layer), named among stage modules
+GAP = Layer.GAP.value
 
 #: ``parent[selector]``: a selector over the children of ``parent``
 _SELECTOR = re.compile(r"^(?P<parent>[\w.]*)\[(?P<selector>\w+)\]$")
@@ -119,8 +133,14 @@ class StageEmbedder(nn.Module):
         self.weights = weights
         self.preprocessing = preprocessing
         self._pooled: dict[str, torch.Tensor] = {}
-        self._last = stages[-1]
-        for path in stages:
+        # with gap the whole (cut) network runs; without, the pass ends at the deepest stage
+        self._gap = GAP in stages
+        modules = [p for p in stages if p != GAP]
+        self._last = None if self._gap else modules[-1]
+        self._attach(modules)
+
+    def _attach(self, paths: list[str]) -> None:
+        for path in paths:
             self.model.get_submodule(path).register_forward_hook(self._hook(path))
 
     def _hook(self, path: str):
@@ -135,7 +155,9 @@ class StageEmbedder(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._pooled = {}
         try:
-            self.model(x)
+            out = self.model(x)
+            if self._gap:
+                self._pooled[GAP] = torch.flatten(out, 1)
         except _Done:
             pass
         pooled, self._pooled = self._pooled, {}
@@ -146,6 +168,55 @@ class StageEmbedder(nn.Module):
 
     def train(self, mode: bool = True) -> StageEmbedder:
         return super().train(False)
+
+
+class IntermediatesStageEmbedder(StageEmbedder):
+    """A timm model's stages from its own ``forward_intermediates``: ``indices`` maps each
+    stage (a ``feature_info`` module path) to its index there. Without ``gap`` the pass
+    stops after the deepest stage asked for (``stop_early``); with it the pass runs to the
+    end and ``forward_head`` of the final features is the gap vector."""
+
+    def __init__(self, model: nn.Module, *, indices: dict[str, int], **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self.indices = {p: indices[p] for p in self.stages if p != GAP}
+
+    def _attach(self, paths: list[str]) -> None:
+        pass  # no hooks: timm returns the intermediates itself
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        take = list(self.indices.values())
+        pooled: dict[str, torch.Tensor] = {}
+        if not take:
+            maps = []
+            pooled[GAP] = torch.flatten(self.model(x), 1)
+        elif self._gap:
+            final, maps = self.model.forward_intermediates(x, indices=take)
+            pooled[GAP] = torch.flatten(self.model.forward_head(final), 1)
+        else:
+            maps = self.model.forward_intermediates(x, indices=take, stop_early=True, intermediates_only=True)
+        if len(maps) != len(take):
+            raise RuntimeError(
+                f"{self.spec.name}: forward_intermediates returned {len(maps)} maps for {len(take)} stages"
+            )
+        for path, fmap in zip(self.indices, maps):
+            pooled[path] = fmap.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
+        return {p: pooled[p] for p in self.stages}
+
+
+def _entries(layers: Sequence[str] | str, default: Sequence[str]) -> tuple[str, ...]:
+    """``layers`` as a tuple, ``"stages"`` (alone or in a list) expanded to ``default``."""
+    entries = (layers,) if isinstance(layers, str) else tuple(layers)
+    out: list[str] = []
+    for e in entries:
+        out += list(default) if e == "stages" else [e]
+    return tuple(out)
+
+
+def _ordered(name: str, stages: Sequence[str], order: Sequence[str]) -> tuple[str, ...]:
+    """``stages`` in run order (``order``: module paths as they run), gap last; each once."""
+    if len(set(stages)) != len(stages):
+        raise UnknownLayerError(f"{name}: stages {list(stages)} repeat a module; name each once")
+    return tuple(sorted(stages, key=lambda p: len(order) if p == GAP else order.index(p)))
 
 
 def stage_embedder(
@@ -160,36 +231,105 @@ def stage_embedder(
     """``name`` with ``weights`` (``"none"``: random init from ``seed``), frozen and cut before its head,
     returning pooled activations of ``layers`` from one forward pass.
 
-    ``layers``: ``"stages"`` (the family's stages, :attr:`Family.stages`) or module paths /
-    selectors of the whole network. ``input_size``: side of the dummy (1, C, s, s) input
-    that resolves ``[resolution]`` selectors and measures each stage's channels (default:
-    the backbone's crop size).
+    ``layers``: ``"stages"`` (the family's stages, :attr:`Family.stages`; for timm models
+    their ``feature_info`` modules), module paths / selectors of the whole network, and
+    ``"gap"`` (the backbone's own embedding). ``input_size``: side of the dummy (1, C, s, s)
+    input that resolves ``[resolution]`` selectors and measures each stage's channels
+    (default: the backbone's crop size).
     """
     spec = get_spec(name)
-    if layers == "stages":
-        entries = spec.family_row.stages
-        if not entries:
-            raise UnknownLayerError(
-                f"{name} (family {spec.family!r}) has no known stages; pass module paths as layers=(...)"
-                + (", or use timm's forward_intermediates / features_only" if spec.family == "timm" else "")
-            )
-    elif isinstance(layers, str):
-        entries = (layers,)
-    else:
-        entries = tuple(layers)
+    asks_stages = "stages" in ((layers,) if isinstance(layers, str) else tuple(layers))
+    if asks_stages and spec.family != "timm" and not spec.family_row.stages:  # before any download
+        raise UnknownLayerError(
+            f"{name} (family {spec.family!r}) has no known stages; pass module paths as layers=(...)"
+        )
     # the network cut before its head, as for the gap layer: a checkpoint with another head
     # (a fine-tuned classifier) loads, and the head's keys are the only ones ignored
     cut = load_backbone(name, weights=weights, seed=seed, key_map=key_map, layer=Layer.GAP)
-    model, info, preprocessing = cut.model, cut.weights, cut.preprocessing
+    model, info, preprocessing = cut.model.eval(), cut.weights, cut.preprocessing
     size = input_size or preprocessing.crop_size
     x = torch.zeros(1, preprocessing.channels, size, size)
-    model.eval()
-    stages = resolve_stages(model, entries, x, name=name)
-    if len(set(stages)) != len(stages):
-        raise UnknownLayerError(f"{name}: stages {list(stages)} repeat a module; name each once")
+    common = {"spec": spec, "weights": info, "preprocessing": preprocessing}
+    # timm models name their own stages (feature_info); others take their family's row
+    known = timm_stages(model) if spec.family == "timm" else ()
+    if asks_stages and spec.family == "timm" and not known:
+        raise UnknownLayerError(
+            f"{name} publishes no stages (timm's feature_info is empty); pass module paths as "
+            f"layers=(...), e.g. {', '.join([n for n, _ in model.named_children()][:6])}"
+        )
+    entries = _entries(layers, [n for n, _ in known] if known else spec.family_row.stages)
+    if known and all(e == GAP or e in dict(known) for e in entries):
+        return _timm_stages(model, name, entries, known, x, common)
+    if known:
+        names, modules = [n for n, _ in known], dict(model.named_modules())
+        for e in entries:
+            if e != GAP and e not in modules and not _SELECTOR.match(e):
+                hint = did_you_mean(e, dict.fromkeys([*names, GAP, *modules]))
+                raise UnknownLayerError(
+                    f"{name} has no stage {e!r}.{hint} Its stages "
+                    f"(timm's feature_info modules, shallow to deep): {', '.join(names)}; or gap (the "
+                    "pooled embedding), or any module path of the model"
+                )
+    return _hooked(model, name, entries, x, common)
+
+
+def _hooked(model: nn.Module, name: str, entries: Sequence[str], x: torch.Tensor, common: dict) -> StageEmbedder:
+    """Stages from forward hooks on the modules ``entries`` name (and ``gap``)."""
+    spec = common["spec"]
+    stages = resolve_stages(model, [e for e in entries if e != GAP], x, name=name)
     shapes = _pooled_shapes(model, stages, x)
     dims = {p: int(shapes[p][0]) for p in stages}
+    if GAP in entries:
+        stages, dims[GAP] = (*stages, GAP), spec.dims[Layer.GAP]
     # deepest last: the hook of the module that runs last ends the pass
-    order = list(shapes)
-    stages = tuple(sorted(stages, key=order.index))
-    return StageEmbedder(model, spec=spec, stages=stages, dims=dims, weights=info, preprocessing=preprocessing)
+    stages = _ordered(name, stages, list(shapes))
+    return StageEmbedder(model, stages=stages, dims={p: dims[p] for p in stages}, **common)
+
+
+def _timm_stages(
+    model: nn.Module, name: str, entries: Sequence[str], known: Sequence[tuple[str, int]], x: torch.Tensor,
+    common: dict,
+) -> StageEmbedder:
+    """A timm model's ``feature_info`` stages (and gap): from ``forward_intermediates``
+    where it lines up with ``feature_info``, else from hooks on those modules."""
+    names = [n for n, _ in known]
+    stages = _ordered(name, entries, names)
+    dims = _intermediate_channels(model, known, x, gap=GAP in stages)
+    if dims is None:  # no usable forward_intermediates: hook the feature_info modules
+        made = _hooked(model, name, stages, x, common)
+        wrong = {p: (made.dims[p], c) for p, c in known if p in made.dims and made.dims[p] != c}
+        if wrong:
+            raise UnknownLayerError(
+                f"{name}: the outputs of its feature_info modules are not (B, C, H, W) maps with "
+                f"the channels feature_info lists (stage: (got, listed) {wrong}); it cannot give stages here"
+            )
+        return made
+    dims[GAP] = common["spec"].dims[Layer.GAP]
+    return IntermediatesStageEmbedder(
+        model, indices={n: i for i, n in enumerate(names)}, stages=stages, dims={p: dims[p] for p in stages},
+        **common,
+    )
+
+
+def _intermediate_channels(
+    model: nn.Module, known: Sequence[tuple[str, int]], x: torch.Tensor, *, gap: bool
+) -> dict[str, int] | None:
+    """Channels of each ``feature_info`` stage from one ``forward_intermediates`` pass of
+    ``x``, or ``None`` when the model has no such method or its intermediates do not line up
+    with ``feature_info`` (count, NCHW, channels) or, with ``gap``, its final features do not
+    give the model's own embedding."""
+    if not callable(getattr(model, "forward_intermediates", None)):
+        return None
+    # random, not zeros: a zero input can stay zero through a random-init network and hide a mismatch
+    x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            final, maps = model.forward_intermediates(x)
+            same_gap = not gap or torch.allclose(model.forward_head(final), model(x), rtol=1e-4, atol=1e-5)
+    except (NotImplementedError, TypeError, AssertionError):
+        return None
+    if not same_gap or len(maps) != len(known):
+        return None
+    if any(m.ndim != 4 or m.shape[1] != c for m, (_, c) in zip(maps, known)):
+        return None
+    return {n: c for n, c in known}

@@ -150,6 +150,17 @@ def timm_spec(name: str) -> BackboneSpec:
     )
 
 
+def timm_stages(model: nn.Module) -> tuple[tuple[str, int], ...]:
+    """timm's own stages of ``model``: (module path, channels) of each ``feature_info``
+    entry (``layer1``, ``stages.0``, ``blocks.2``), shallow to deep. ``feature_info`` is what
+    ``features_only=True`` returns and what ``forward_intermediates`` indexes: the i-th
+    entry is its i-th intermediate. Empty when the model publishes none."""
+    info = getattr(model, "feature_info", None) or []
+    if hasattr(info, "info"):  # a features_only model's FeatureInfo
+        info = info.info
+    return tuple((str(f.get("module") or ""), int(f["num_chs"])) for f in info)
+
+
 def list_timm(pattern: str = "*") -> list[str]:
     """timm model names matching a glob, as ``timm/<name>``."""
     return [f"timm/{n}" for n in _timm().list_models(pattern)]
