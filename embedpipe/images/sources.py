@@ -8,6 +8,7 @@ incremental run can tell a changed file from an unchanged one.
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -119,48 +120,41 @@ class Listing(Sequence[ImageRecord]):
         if self._sorted is None:  # a manifest keeps its own order: search a sorted copy
             order = pc.sort_indices(self.ids)
             self._sorted, self._order = self.ids.take(order), order.to_numpy()
+        ids = ids.cast(self._sorted.type)  # the dataset's string ids vs the listing's large_string
         pos = np.minimum(pc.search_sorted(self._sorted, ids).to_numpy(), len(self) - 1).astype(np.int64)
         found = pc.equal(self._sorted.take(pa.array(pos)), ids).to_numpy(zero_copy_only=False)
         return (pos if self._order is None else self._order[pos]), found
 
 
 class _Columns:
-    """Builds a :class:`Listing` from rows in id order, a block at a time, so that no
-    Python object per image outlives its block."""
-
-    BLOCK = 65_536
+    """Builds a :class:`Listing` from rows in id order straight into its buffers: the ids'
+    UTF-8 bytes and offsets, sizes, mtimes and label codes grow in place, so no Python
+    object per image outlives its row (fragmented leftovers of such objects, and Arrow's
+    conversion of Python lists, cost more memory than the columns themselves)."""
 
     def __init__(self) -> None:
-        self.ids: list[pa.Array] = []
-        self.labels: list[pa.Array] = []
-        self.size: list[np.ndarray] = []
-        self.mtime: list[np.ndarray] = []
-        self._rows: list[tuple[str, int, int, str | None]] = []
+        self.data = bytearray()
+        self.offsets = array("q", [0])
+        self.size, self.mtime = array("q"), array("q")
+        self.codes = array("i")
+        self.labels: dict[str | None, int] = {}
 
     def add(self, id: str, size: int, mtime_ns: int, label: str | None) -> None:
-        self._rows.append((id, size, mtime_ns, label))
-        if len(self._rows) == self.BLOCK:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._rows:
-            ids, size, mtime, labels = zip(*self._rows)
-            self.ids.append(pa.array(ids, pa.string()))
-            self.labels.append(pa.array(labels, pa.string()).dictionary_encode())
-            self.size.append(np.array(size, np.int64))
-            self.mtime.append(np.array(mtime, np.int64))
-            self._rows = []
+        self.data += id.encode()
+        self.offsets.append(len(self.data))
+        self.size.append(size)
+        self.mtime.append(mtime_ns)
+        self.codes.append(self.labels.setdefault(label, len(self.labels)))
 
     def listing(self, *, labelled: bool = True, **where) -> Listing:
-        self._flush()
-        ids = pa.chunked_array(self.ids, pa.string())
-        n = len(ids)
-        labels = (
-            pa.chunked_array(self.labels, pa.dictionary(pa.int32(), pa.string()))
-            if labelled else pa.nulls(n, pa.dictionary(pa.int32(), pa.string()))
-        )
-        cat = lambda arrays: np.concatenate(arrays) if arrays else np.empty(0, np.int64)  # noqa: E731
-        return Listing(ids, labels, cat(self.size), cat(self.mtime), **where)
+        n = len(self.size)
+        ids = pa.LargeStringArray.from_buffers(n, pa.py_buffer(self.offsets), pa.py_buffer(self.data))
+        names = pa.array(list(self.labels), pa.string())
+        codes = np.frombuffer(self.codes, np.int32) if n else np.empty(0, np.int32)
+        labels = pa.DictionaryArray.from_arrays(codes, names) if labelled and n else pa.nulls(
+            n, pa.dictionary(pa.int32(), pa.string()))
+        as_numpy = lambda a: np.frombuffer(a, np.int64) if len(a) else np.empty(0, np.int64)  # noqa: E731
+        return Listing(ids, labels, as_numpy(self.size), as_numpy(self.mtime), **where)
 
 
 def _links_to_folder(e: os.DirEntry) -> bool:
