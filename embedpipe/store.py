@@ -686,6 +686,10 @@ class DatasetWriter:
         """``columns`` of the committed embeddings (or error rows), a part at a time."""
         return (self.errors if errors else self.embeddings).blocks(columns)
 
+    def rows(self) -> int:
+        """How many embedding and error rows are committed, from the parts' footers."""
+        return sum(pq.read_metadata(p).num_rows for parts in (self.embeddings, self.errors) for p in parts.parts())
+
     def ids(self, *, errors: bool | None = None) -> pa.Array:
         """The ids of the committed embeddings (``errors=False``), error rows (``True``) or
         both (``None``), as one Arrow array."""

@@ -247,3 +247,37 @@ def test_the_core_never_imports_ray():
     code = ("import sys, embedpipe.extraction.forward, embedpipe.extraction, embedpipe.pipeline, embedpipe.cli; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_shards_on_ray_equal_the_local_engine_and_finish_every_shard(ray_instance, messy_folder, tmp_path,
+                                                                     monkeypatch):
+    """Tar shards read in Ray tasks: the same rows and errors as the local engine, and
+    every shard recorded complete, so that a re-run opens none of them."""
+    from test_container_extraction import write_shard
+
+    from embedpipe.images import shards
+
+    files = sorted(p for p in messy_folder.rglob("*") if p.is_file())
+    for k, label in enumerate(["cats", "dogs"]):
+        write_shard(tmp_path / "shards" / f"{k:05d}.tar",
+                    [(p.relative_to(messy_folder).as_posix(), p.read_bytes(), label) for p in files
+                     if p.parent.name == label])
+    with (tmp_path / "shards" / "00002.tar").open("wb") as f:
+        f.write(b"not a tar at all")  # one unreadable shard: one error row
+    options = dict(source=tmp_path / "shards", backbone="userbackbone:build", weights="none", batch_size=4)
+    local = engine.extract(ExtractConfig(out=tmp_path / "local", workers=1, **options))
+    remote = _run_ray(out=tmp_path / "ray", **options)
+    assert (remote.embedded, remote.errors, remote.images) == (local.embedded, local.errors, local.images) == (11, 4, 15)
+    ids_a, labels_a, x_a = _by_id(read_embeddings(tmp_path / "local"))
+    ids_b, labels_b, x_b = _by_id(read_embeddings(tmp_path / "ray"))
+    assert ids_b == ids_a and labels_b == labels_a
+    np.testing.assert_allclose(x_b, x_a, rtol=1e-5, atol=1e-6)
+    ea, eb = (read_errors(tmp_path / d).sort_values("id").reset_index(drop=True) for d in ("local", "ray"))
+    assert eb[["id", "error_type"]].equals(ea[["id", "error_type"]])
+
+    def never(*a, **k):
+        raise AssertionError("a finished shard was opened")
+
+    monkeypatch.setattr(shards, "read_shard", never)
+    again = engine.extract(ExtractConfig(out=tmp_path / "ray", workers=1, **options))
+    assert (again.embedded, again.errors, again.skipped) == (0, 0, 15)

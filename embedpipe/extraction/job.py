@@ -209,27 +209,33 @@ class ContainerPlan:
         self._last: dict[str, Container] = {}  # id of a container's last record -> it
 
     def records(self) -> Iterator[ImageRecord]:
+        """Every record still to embed, container after container (the local engine)."""
         for container, done in self.todo:
-            self._record(container, complete=False)
+            self.started(container)
             last = None
             for record in container.records(done):
                 if last is not None:
                     yield last
                 last = record
             if last is None:  # nothing (left) to read in it
-                self._record(container, complete=True)
+                self.completed(container)
             else:
                 self._last[last.id] = container
                 yield last
 
     def written(self, records: Iterable[ImageRecord]) -> None:
-        """Rows just written: a container whose last row is among them is complete."""
+        """Rows just written, in order: a container whose last row is among them is complete."""
         for r in records:
             if (container := self._last.pop(r.id, None)) is not None:
-                self._record(container, complete=True)
+                self.completed(container)
 
-    def _record(self, c: Container, *, complete: bool) -> None:
-        self.writer.record_container(c.name, c.size, c.mtime_ns, complete=complete)
+    def started(self, c: Container) -> None:
+        """Before any of its rows is written: a re-run reads it again past its done keys."""
+        self.writer.record_container(c.name, c.size, c.mtime_ns, complete=False)
+
+    def completed(self, c: Container) -> None:
+        """Once all its rows are written: a re-run skips it without opening it."""
+        self.writer.record_container(c.name, c.size, c.mtime_ns, complete=True)
 
 
 def begin_containers(
@@ -247,14 +253,19 @@ def begin_containers(
         name for name, r in logged.items()
         if name not in current or (r["size"], r["mtime_ns"]) != (current[name].size, current[name].mtime_ns)
     ]
-    ids = writer.ids()
-    stale = _under(ids, changed)
-    dropped = 0
-    if pc.any(stale).as_py():
-        dropped = sum(writer.drop(set(ids.filter(stale).to_pylist())))
-        ids = ids.filter(pc.invert(stale))
     gone = set(changed)
     todo = [c for c in containers if not (logged.get(c.name, {}).get("complete") and c.name not in gone)]
+    summary = ExtractSummary(out=out, images=0, embedded=0, skipped=0, errors=0, dropped=0, runtime=runtime)
+    if not changed and not any(c.name in logged for c in todo):
+        # nothing changed, nothing half-done: the rows need not be read, only counted
+        summary.skipped = summary.images = writer.rows()
+        log.info("%d of %d containers to read (%d finished)", len(todo), len(containers), len(containers) - len(todo))
+        return ContainerPlan(writer, [(c, frozenset()) for c in todo]), summary
+    ids = writer.ids()
+    stale = _under(ids, changed)
+    if pc.any(stale).as_py():
+        summary.dropped = sum(writer.drop(set(ids.filter(stale).to_pylist())))
+        ids = ids.filter(pc.invert(stale))
     # keys already done: only rows of containers still to read are looked at one by one
     done: dict[str, set[str]] = {c.name: set() for c in todo}
     lengths = sorted({len(n) for n in done}, reverse=True)
@@ -263,9 +274,7 @@ def begin_containers(
             if i[:n] in done and (len(i) == n or i[n] == "/"):
                 done[i[:n]].add(i[n + 1:])
                 break
-    summary = ExtractSummary(
-        out=out, images=len(ids), embedded=0, skipped=len(ids), errors=0, dropped=dropped, runtime=runtime,
-    )
+    summary.images = summary.skipped = len(ids)
     log.info("%d of %d containers to read (%d finished)", len(todo), len(containers), len(containers) - len(todo))
     return ContainerPlan(writer, [(c, frozenset(done[c.name])) for c in todo]), summary
 

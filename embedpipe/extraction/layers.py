@@ -110,6 +110,9 @@ class DatasetGroup:
     def ids(self, *, errors: bool | None = None) -> pa.Array:
         return self.first.ids(errors=errors)
 
+    def rows(self) -> int:
+        return self.first.rows()
+
     def containers(self) -> dict[str, dict]:
         return self.first.containers()
 

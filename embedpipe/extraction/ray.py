@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -39,10 +40,10 @@ import pyarrow as pa
 
 from ..config import DecodeMode, Device, ExtractConfig
 from ..errors import MissingDependencyError
-from ..images.decode import Decoded
+from ..images.containers import Container, open_containers
+from ..images.decode import Decoded, DecodeFailure, ErrorType
 from ..images.loader import DecodePool
 from ..images.preprocess import Preprocessing
-from ..images.shards import is_shard_spec
 from ..images.sources import ImageRecord, open_source
 from .forward import BatchEmbedder
 from .job import (
@@ -50,7 +51,9 @@ from .job import (
     ExtractSummary,
     Failed,
     JobWriter,
+    ContainerPlan,
     begin,
+    begin_containers,
     build_provenance,
     load_embedder,
     progress_bar,
@@ -102,9 +105,12 @@ class DecodedRows:
     message: np.ndarray
     pixels: np.ndarray | None = None
     vectors: np.ndarray | None = None
+    #: columns that ride along untouched: a container row's label, size, mtime, path,
+    #: container and ``end`` (the row that closes a container, with its image count)
+    along: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def empty(cls, ids: np.ndarray, shape: tuple[int, ...]) -> DecodedRows:
+    def empty(cls, ids: np.ndarray, shape: tuple[int, ...], along: dict[str, np.ndarray]) -> DecodedRows:
         n = len(ids)
         return cls(
             id=ids,
@@ -114,21 +120,29 @@ class DecodedRows:
             error_type=np.full(n, "", object),
             message=np.full(n, "", object),
             pixels=np.zeros((n, *shape), np.uint8),
+            along=along,
         )
 
     @classmethod
     def of(cls, batch: dict[str, np.ndarray]) -> DecodedRows:
-        return cls(**batch)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in batch.items() if k in names},
+                   along={k: v for k, v in batch.items() if k not in names})
 
     def to_batch(self) -> dict[str, np.ndarray]:
         # not dataclasses.asdict, which would deep-copy every array
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {k: v for k, v in values.items() if v is not None}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "along"}
+        return {**self.along, **{k: v for k, v in values.items() if v is not None}}
+
+    @property
+    def end(self) -> np.ndarray:
+        """(B,) bool: rows that close a container (no image; ``along["end"]`` its count)."""
+        return self.along["end"] >= 0 if "end" in self.along else np.zeros(len(self.id), bool)
 
     @property
     def ok(self) -> np.ndarray:
         """(B,) bool: rows that decoded."""
-        return self.error_type == ""
+        return (self.error_type == "") & ~self.end
 
 
 # --- the actors ----------------------------------------------------------------------
@@ -157,10 +171,18 @@ class DecodeActor:
         ).__enter__()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``{"id", "path"}`` -> :meth:`DecodedRows.to_batch`."""
-        rows = DecodedRows.empty(batch["id"], self.shape)
+        """``{"id", "path"}`` (or a container's rows: ``data`` or ``read_error``) ->
+        :meth:`DecodedRows.to_batch`."""
+        along = {k: v for k, v in batch.items() if k not in ("id", "data", "read_error", "read_message")}
+        rows = DecodedRows.empty(batch["id"], self.shape, along)
         records = [ImageRecord(str(i), str(p), None, -1, -1) for i, p in zip(batch["id"], batch["path"])]
-        for row, (_, result) in enumerate(self.pool.imap(records)):
+        if "data" in batch:  # bytes read from a container, or why there are none
+            records = [
+                replace(r, data=d, failure=DecodeFailure(ErrorType(e), m) if e else None)
+                for r, d, e, m in zip(records, batch["data"], batch["read_error"], batch["read_message"])
+            ]
+        todo = np.flatnonzero(~rows.end)
+        for row, (_, result) in zip(todo, self.pool.imap(records[i] for i in todo)):
             if isinstance(result, Decoded):
                 rows.pixels[row] = result.pixels.reshape(self.shape)
                 rows.width[row], rows.height[row] = result.width, result.height
@@ -288,10 +310,37 @@ class _Plan:
         }
 
 
-def _dataset(ray, todo: list[ImageRecord], config: ExtractConfig, plan: _Plan, preprocessing: Preprocessing):
-    """records -> decode actors -> model actors, as a lazy Ray dataset."""
+def _container_rows(item: dict, todo: list[tuple[Container, frozenset[str]]]) -> Iterator[dict]:
+    """Runs in a Ray task: the rows of one container (its bytes, or why there are none),
+    then the row that closes it, which carries its image count to the driver."""
+    k = int(item["container"])
+    container, done = todo[k]
+    count = 0
+    for r in container.records(done):
+        yield {
+            "id": r.id, "path": r.path, "label": r.label, "size": r.size, "mtime_ns": r.mtime_ns,
+            "data": r.data or b"", "read_error": r.failure.error_type.value if r.failure else "",
+            "read_message": r.failure.message if r.failure else "", "container": k, "end": -1,
+        }
+        count += 1
+    yield {"id": "", "path": "", "label": None, "size": -1, "mtime_ns": -1, "data": b"", "read_error": "",
+           "read_message": "", "container": k, "end": count}
+
+
+def _dataset(ray, todo, config: ExtractConfig, plan: _Plan, preprocessing: Preprocessing):
+    """records (or containers, read in Ray tasks) -> decode actors -> model actors, as a
+    lazy Ray dataset."""
+    decoders = max(1, plan.cluster_cpus - (0 if plan.gpus else plan.concurrency))
+    if todo and isinstance(todo[0], tuple):
+        # Reading a container is I/O and tar/Parquet framing, light next to decoding: its
+        # tasks reserve no CPU (the decode and model actors may hold them all, as on a
+        # 2-CPU node), and at most as many run at once as there are decode actors.
+        source = ray.data.from_items([{"container": k} for k in range(len(todo))]).flat_map(
+            functools.partial(_container_rows, todo=todo), num_cpus=0, concurrency=decoders)
+    else:
+        source = ray.data.from_arrow(_records_blocks(todo, plan.cluster_cpus))
     return (
-        ray.data.from_arrow(_records_blocks(todo, plan.cluster_cpus))
+        source
         .map_batches(
             DecodeActor,
             fn_constructor_args=(
@@ -300,9 +349,7 @@ def _dataset(ray, todo: list[ImageRecord], config: ExtractConfig, plan: _Plan, p
             ),
             batch_size=DECODE_BATCH,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(
-                min_size=1, max_size=max(1, plan.cluster_cpus - (0 if plan.gpus else plan.concurrency))
-            ),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders),
             num_cpus=1,
         )
         .map_batches(
@@ -317,9 +364,7 @@ def _dataset(ray, todo: list[ImageRecord], config: ExtractConfig, plan: _Plan, p
     )
 
 
-def _results(
-    ray, todo: list[ImageRecord], config: ExtractConfig, plan: _Plan, preprocessing: Preprocessing
-) -> Iterator[dict[str, np.ndarray]]:
+def _results(ray, todo, config: ExtractConfig, plan: _Plan, preprocessing: Preprocessing) -> Iterator[dict[str, np.ndarray]]:
     """The dataset's output blocks as they finish; closing it stops the execution."""
     if todo:
         yield from _dataset(ray, todo, config, plan, preprocessing).iter_batches(
@@ -327,23 +372,51 @@ def _results(
         )
 
 
-def _rows(rows: DecodedRows, by_id: dict[str, ImageRecord]) -> tuple[Embedded, Failed]:
-    """One batch of model-actor output -> the typed rows the job writer takes."""
+def _carried(rows: DecodedRows) -> list[ImageRecord]:
+    """The records of container rows, from the columns that rode along with them."""
+    a = rows.along
+    return [ImageRecord(str(i), str(p), lab, int(sz), int(mt)) for i, p, lab, sz, mt in
+            zip(rows.id, a["path"], a["label"], a["size"], a["mtime_ns"])]
+
+
+def _rows(rows: DecodedRows, records: list[ImageRecord]) -> tuple[Embedded, Failed]:
+    """One batch of model-actor output (and each row's record) -> the typed rows the job
+    writer takes; rows closing a container are neither."""
     ok = rows.ok
-    bad = ~ok
+    bad = ~ok & ~rows.end
     embedded = Embedded(
-        records=[by_id[i] for i in rows.id[ok]],
+        records=[r for r, keep in zip(records, ok) if keep],
         vectors=rows.vectors[ok],
         width=rows.width[ok],
         height=rows.height[ok],
         content_hash=rows.content_hash[ok].tolist(),
     )
     failed = Failed(
-        records=[by_id[i] for i in rows.id[bad]],
+        records=[r for r, keep in zip(records, bad) if keep],
         error_type=rows.error_type[bad].tolist(),
         message=rows.message[bad].tolist(),
     )
     return embedded, failed
+
+
+class _Ledger:
+    """Marks each container complete once the driver has written as many of its rows as
+    the row that closes it announced (Ray returns rows in any order)."""
+
+    def __init__(self, reads: ContainerPlan) -> None:
+        self.reads = reads
+        self.expected: dict[int, int] = {}
+        self.seen: Counter[int] = Counter()
+        for container, _ in reads.todo:
+            reads.started(container)
+
+    def written(self, rows: DecodedRows) -> None:
+        end, k = rows.end, rows.along["container"]
+        self.expected.update(zip(k[end].tolist(), rows.along["end"][end].tolist()))
+        self.seen.update(k[~end].tolist())
+        for c in [c for c, n in self.expected.items() if self.seen[c] == n]:
+            self.reads.completed(self.reads.todo[c][0])
+            del self.expected[c]
 
 
 def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
@@ -360,14 +433,16 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
         )
     if config.stages:
         raise ValueError("--layer stages runs on the local engine for now; leave out --engine ray")
-    if config.image_column is not None or is_shard_spec(config.source):
-        raise ValueError("tar shards and image tables run on the local engine for now; leave out --engine ray")
     if config.num_gpus_per_worker and config.device == Device.CPU:
         raise ValueError("--num-gpus-per-worker asks for GPUs, but --device cpu keeps the model off them")
     import_ray()
     t0 = time.perf_counter()
     embedder = load_embedder(config)  # fails fast on missing weights, before any cluster work
-    records = open_source(config.source)
+    containers = open_containers(
+        config.source, image_column=config.image_column, id_column=config.id_column,
+        label_column=config.label_column,
+    )
+    records = open_source(config.source) if containers is None else None
     seconds: Counter[str] = Counter()
     with ray_session(config.ray_address) as ray, _quiet("ray.data"):
         import ray.data
@@ -381,21 +456,32 @@ def extract(config: ExtractConfig, *, progress: bool = False) -> ExtractSummary:
         with open_group(
             config.out, provenance, None, overwrite=config.overwrite, part_rows=config.part_rows
         ) as writer:
-            todo, summary = begin(writer, records, str(config.out), dict(provenance.runtime))
-            job = JobWriter(writer, config, summary, len(todo))
-            log.info("%s: %d images, %d to embed on Ray (%d CPUs, %d model actors)",
-                     config.out, len(records), len(todo), plan.cluster_cpus, plan.concurrency)
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # the driver shows one bar, in images
             ctx.print_on_execution_start = False
-            by_id = {r.id: r for r in todo}
+            if containers is None:
+                todo, summary = begin(writer, records, str(config.out), dict(provenance.runtime))
+                job, ledger = JobWriter(writer, config, summary, len(todo)), None
+                by_id = {r.id: r for r in todo}
+                todo = list(todo)
+            else:
+                reads, summary = begin_containers(writer, containers, str(config.out), dict(provenance.runtime))
+                job, ledger, todo = JobWriter(writer, config, summary, None), _Ledger(reads), reads.todo
+            log.info("%s: %s to embed on Ray (%d CPUs, %d model actors)", config.out,
+                     f"{len(todo)} {'containers' if ledger else 'images'}", plan.cluster_cpus, plan.concurrency)
             batches = _results(ray, todo, config, plan, preprocessing)
-            with progress_bar(len(todo), progress) as bar, contextlib.closing(batches):
+            with progress_bar(None if ledger else len(todo), progress) as bar, contextlib.closing(batches):
                 while not job.stopped:
                     t = time.perf_counter()
                     batch = next(batches, None)
                     seconds["wait"] += time.perf_counter() - t
                     if batch is None:
                         break
-                    bar.update(job.write(*_rows(DecodedRows.of(batch), by_id)))
+                    rows = DecodedRows.of(batch)
+                    records = _carried(rows) if ledger else [by_id[i] for i in rows.id]
+                    bar.update(job.write(*_rows(rows, records)))
+                    if ledger:
+                        ledger.written(rows)
+    if containers is not None:
+        summary.images = summary.skipped + summary.embedded + summary.errors
     return job.finish(seconds, t0)
