@@ -222,3 +222,13 @@ def test_cli_reads_shard_patterns_and_image_tables(folder_and_shards, tmp_path):
     r = CliRunner().invoke(main, ["-q", "extract", str(tmp_path / "t.parquet"), "--image-column", "nope",
                                   "--out", str(tmp_path / "c"), *common])
     assert r.exit_code != 0 and "img" in r.output  # the columns it has, named
+
+
+def test_shards_through_a_uri(folder_and_shards, tmp_path):
+    """Shards named by a URI stream through the file system layer (pyarrow's), like s3://."""
+    _, shard_dir = folder_and_shards
+    summary = extract(config(shard_dir.as_uri() + "/{00000..00001}.tar", tmp_path / "emb"))
+    assert (summary.embedded, summary.errors) == (10, 0)
+    local = by_id(tmp_path / "emb")
+    extract(config(shard_dir, tmp_path / "local"))
+    assert local.keys() == by_id(tmp_path / "local").keys()
