@@ -299,10 +299,26 @@ class _Runner:
         return f"best epoch {r.best_epoch}, validation {r.best_val_accuracy:.3f}, test {r.test_accuracy:.3f}"
 
     def index(self, step: Step, out: Path) -> str:
-        from .index import Index, embedding_blocks
+        from .errors import MetadataMismatchError
+        from .index import META_FILE, Index, embedding_blocks, update_embeddings
         from .store import read_meta
 
         src = self.p.step_dir(step.options["input"])
+        record = out / STEP_RECORD
+        same_config = record.is_file() and json.loads(record.read_text()).get("config") == {
+            "kind": step.kind, "options": step.options}
+        if same_config and (out / META_FILE).is_file():
+            # only the rows changed: update the index in place of a rebuild, unless the
+            # embeddings were made differently or the update says the training has drifted
+            try:
+                idx, r = update_embeddings(out, src)
+            except MetadataMismatchError as e:
+                log.info("rebuilding index %s: %s", step.name, e)
+            else:
+                if not r.rebuild_advised:
+                    return (f"{idx.info.factory} updated: {r.added} added, {r.removed} removed, "
+                            f"{r.replaced} replaced -> {len(idx)} vectors")
+                log.info("rebuilding index %s: recall@%d %.3f after the update", step.name, r.k, r.recall)
         o = {k: v for k, v in step.options.items() if k != "input"}
         idx = Index.build(embedding_blocks(src), meta=read_meta(src), embeddings_path=src, **o)
         idx.save(out, overwrite=True)

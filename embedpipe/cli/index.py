@@ -1,4 +1,4 @@
-"""``embedpipe index build|info|eval`` and ``embedpipe search``.
+"""``embedpipe index build|update|info|eval`` and ``embedpipe search``.
 
 :mod:`embedpipe.index` (FAISS, pandas) and, for image queries, torch are imported inside
 the commands, so that ``embedpipe --help`` and the other commands stay quick.
@@ -40,9 +40,9 @@ _SUFFIX_FORMATS = {
 }
 
 
-@main.group(short_help="Build, describe and evaluate FAISS indexes.")
+@main.group(short_help="Build, update, describe and evaluate FAISS indexes.")
 def index() -> None:
-    """Build, describe and evaluate nearest-neighbour indexes (FAISS)."""
+    """Build, update, describe and evaluate nearest-neighbour indexes (FAISS)."""
 
 
 @index.command("build", short_help="Build an index over an embeddings dataset.")
@@ -100,6 +100,58 @@ def build(embeddings: Path, out: Path, index_spec: str, overwrite: bool, columns
         click.echo(f"{key:>8}: {value}")
 
 
+@index.command("update", short_help="Add, remove and replace rows without a rebuild.")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("embeddings", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--retrain-if-below",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Advise a rebuild when recall@k after the update falls below this. Default: the "
+    "target recall the index was tuned to (or 0.02 below the build's recall, if that fell short).",
+)
+@click.option("--seed", type=int, default=0, help="Seed of the held-out recall queries.")
+@output_format
+@table_columns
+@friendly_errors
+def update(index_dir: Path, embeddings: Path, fmt: str, columns: dict | None, **options) -> None:
+    """Update the index at INDEX_DIR to the embeddings dataset EMBEDDINGS as it is now: add
+    rows new since the build, remove rows no longer there, replace rows whose vector changed,
+    keeping the trained quantisers. The embeddings must be made like the index's (backbone,
+    weights, layer, preprocessing). Recall is measured again afterwards; a warning says when
+    it has drifted below --retrain-if-below and the index should be rebuilt."""
+    from ..index import update_embeddings
+    from ..tables import Columns
+
+    _, report = update_embeddings(
+        index_dir, embeddings, columns=Columns(**columns) if columns else None, **options
+    )
+    if fmt == "json":
+        echo_json({"path": str(index_dir), **report.to_dict()})
+    else:
+        click.echo(
+            f"updated {index_dir}: {report.added:,} added, {report.removed:,} removed, "
+            f"{report.replaced:,} replaced, {report.unchanged:,} unchanged -> {report.count:,} rows "
+            f"({report.seconds:.2f} s)"
+        )
+        if report.recall is None:
+            click.echo("  recall: exact search, 1.0")
+        else:
+            queries = "held-out added rows" if report.held_out else "indexed rows"
+            click.echo(
+                f"  recall@{report.k}: {report.recall:.4f} over {report.n_queries:,} {queries}"
+            )
+        if not report.changes_detected:
+            click.echo("  note: the index had no row fingerprints, so changed vectors were not "
+                       "detected this time; they are recorded now", err=True)
+    if report.rebuild_advised:
+        click.echo(
+            f"warning: recall@{report.k} {report.recall:.4f} is below {report.threshold}: the "
+            f"training no longer fits the data; rebuild with `embedpipe index build {embeddings} "
+            f"--out {index_dir} --overwrite`",
+            err=True,
+        )
+
+
 @index.command("info", short_help="Describe an index and the embeddings it holds.")
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @output_format
@@ -123,6 +175,11 @@ def info(index_dir: Path, fmt: str) -> None:
     lines["vectors"] = f"{meta.count:,} x {meta.dim}"
     lines["training"] = f"{meta.train_rows:,} sampled vectors" if meta.train_rows else "none"
     lines["built"] = f"{meta.built_at}, faiss {meta.faiss_version}"
+    if meta.update:
+        u = meta.update
+        recall = "exact" if u["recall"] is None else f"recall@{u['k']} {u['recall']:.3f}"
+        lines["last update"] = (f"{u['updated_at']}: +{u['added']:,} -{u['removed']:,} "
+                                f"~{u['replaced']:,}, {recall}")
     lines.update(_embeddings_lines(meta.embeddings, meta.embeddings_path))
     for key, value in lines.items():
         click.echo(f"{key:>13}: {value}")

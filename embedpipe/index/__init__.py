@@ -27,7 +27,8 @@ call as FAISS ``SearchParameters`` and never change the shared index.
 
 The modules, in the order they build on each other: ``plan`` (metrics, kinds, budgets,
 choosing), ``blocks`` (validated, sampled sources), ``exact`` (ground truth, recall),
-``faiss_ops``, ``tuning``, ``core`` (the :class:`Index`), ``datasets`` (files).
+``faiss_ops``, ``tuning``, ``core`` (the :class:`Index`), ``update`` (growing and shrinking
+a built index without training it again), ``datasets`` (files).
 """
 
 from .blocks import Block, BlockLike, BlockSource, IndexData, as_block_source
@@ -50,6 +51,7 @@ from .datasets import (
     eval_embeddings,
     search_embeddings,
     search_images,
+    update_embeddings,
 )
 from .plan import (
     IndexKind,
@@ -62,12 +64,13 @@ from .plan import (
     plan_index,
 )
 from .tuning import Tuning
+from .update import UpdateReport, update_index
 
 __all__ = [
     "FORMAT_VERSION", "IDS_FILE", "INDEX_FILE", "META_FILE", "RESULT_COLUMNS",
     "Block", "BlockLike", "BlockSource", "EvalReport", "Index", "IndexData", "IndexInfo",
-    "IndexKind", "IndexPlan", "Metric", "QueryFailure", "SearchKnob", "SearchResults", "Tuning",
+    "IndexKind", "IndexPlan", "Metric", "QueryFailure", "SearchKnob", "SearchResults", "Tuning", "UpdateReport",
     "as_block_source", "check_destination", "embedding_blocks", "eval_embeddings", "format_bytes",
     "parse_memory_budget", "plan_candidates", "plan_index", "read_info", "search_embeddings",
-    "search_images",
+    "search_images", "update_embeddings", "update_index",
 ]

@@ -125,6 +125,30 @@ def prepare(
     return x
 
 
+#: odd 64-bit multipliers of the fingerprint, one per pair of float32s (fixed: fingerprints
+#: are stored and compared across runs)
+_FINGERPRINT_KEYS = np.random.default_rng(0x5EED).integers(1, 2**63, size=8192, dtype=np.uint64) | np.uint64(1)
+
+
+def fingerprints(x: np.ndarray) -> np.ndarray:
+    """(n,) int64: a 64-bit digest of each row of the prepared vectors ``x`` (n, dim)
+    float32, kept per index row so that an update finds the rows whose vector changed.
+
+    A multilinear hash of the row's 64-bit words (sum of word x random odd key, mod 2^64),
+    vectorised: two different rows collide with probability about 2^-64 (it guards
+    against re-embedded images, not adversaries), at numpy speed rather than a hash call
+    per row."""
+    x = np.ascontiguousarray(x, np.float32)
+    if x.shape[1] % 2:
+        x = np.pad(x, ((0, 0), (0, 1)))
+    words = x.view(np.uint64)
+    if words.shape[1] > len(_FINGERPRINT_KEYS):
+        raise ValueError(f"vectors wider than {2 * len(_FINGERPRINT_KEYS)} dims have no fingerprint")
+    h = (words * _FINGERPRINT_KEYS[: words.shape[1]]).sum(axis=1, dtype=np.uint64)
+    h ^= h >> np.uint64(31)  # mix the high bits down: the low bits of a product sum are weak
+    return h.view(np.int64)
+
+
 def _block_ids(block: BlockLike, n: int) -> tuple[np.ndarray, np.ndarray]:
     ids = np.asarray(block.ids, dtype=object)
     labels = (
@@ -195,6 +219,7 @@ class _Scan:
     labels: np.ndarray  # (n,) object
     dim: int
     meta: Mapping[str, Any] | None  # of the first block, if blocks carry it
+    fingerprints: np.ndarray  # (n,) int64, see fingerprints()
 
 
 def scan_blocks(
@@ -205,7 +230,7 @@ def scan_blocks(
     Returns the scan and the sample: vectors (s, dim) float32 and their rows (s,) int64,
     in random order.
     """
-    ids, labels = [], []
+    ids, labels, prints = [], [], []
     dim: int | None = None
     meta = None
     sample: _Sample | None = None
@@ -226,6 +251,7 @@ def scan_blocks(
         block_ids, block_labels = _block_ids(block, len(x))
         ids.append(block_ids)
         labels.append(block_labels)
+        prints.append(fingerprints(x))
         sample.offer(start, x)
         start += len(x)
     if dim is None or start == 0:
@@ -235,7 +261,8 @@ def scan_blocks(
     if duplicated.any():
         examples = ", ".join(repr(i) for i in all_ids[duplicated][:3])
         raise IndexInputError(f"ids must be unique; repeated: {examples}")
-    return _Scan(all_ids, np.concatenate(labels), dim, meta), *sample.take()
+    scan = _Scan(all_ids, np.concatenate(labels), dim, meta, np.concatenate(prints))
+    return scan, *sample.take()
 
 
 def prepared_blocks(

@@ -118,6 +118,7 @@ class IndexInfo:
     # where the embeddings were read from (absolute), so that eval can read them again;
     # None for an index built from arrays, or by an embedpipe that did not record it
     embeddings_path: str | None = None
+    update: dict[str, Any] | None = None  # the last `index update`: counts, recall, when
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -278,13 +279,17 @@ class Index:
         labels: np.ndarray,
         positions: np.ndarray,
         info: IndexInfo,
+        fingerprints: np.ndarray | None = None,
     ) -> None:
         """ids, labels: (n,) object per index row; positions: (n,) int64, each index row's
-        row in the embeddings (a permutation: the tuning queries come last)."""
+        row in the embeddings (a permutation: the tuning queries come last); fingerprints:
+        (n,) int64 digests of the rows' vectors (None for an index written before them),
+        which let :func:`~embedpipe.index.update.update_index` find changed rows."""
         self._faiss = faiss_index
         self._ids = ids
         self._labels = labels
         self._positions = positions
+        self._fingerprints = fingerprints
         self._lookup = pd.Index(ids)
         knob = search_knob(faiss_index)
         self._knob = None if knob is None else knob[0]
@@ -464,7 +469,8 @@ class Index:
             embeddings=embeddings,
             embeddings_path=source_path,
         )
-        return cls(faiss_index, scan.ids[positions], scan.labels[positions], positions, info)
+        rows = (scan.ids[positions], scan.labels[positions], positions)
+        return cls(faiss_index, *rows, info, scan.fingerprints[positions])
 
     # --- files ---------------------------------------------------------------------
 
@@ -492,6 +498,8 @@ class Index:
                     "position": pa.array(self._positions, pa.int64()),
                 }
             )
+            if self._fingerprints is not None:
+                ids = ids.append_column("fingerprint", pa.array(self._fingerprints, pa.int64()))
             atomic_write(tmp / IDS_FILE, lambda f: pq.write_table(ids, f))
             atomic_write_text(json.dumps(self.info.to_dict(), indent=2) + "\n", tmp / META_FILE)
             replace_dir(tmp, path)
@@ -521,6 +529,9 @@ class Index:
                 if info.format_version == 1
                 else table.column("position").to_numpy().astype(np.int64)
             )
+            prints = None
+            if "fingerprint" in table.column_names:
+                prints = table.column("fingerprint").to_numpy().astype(np.int64)
         except (ValueError, KeyError, TypeError, RuntimeError, pa.ArrowException) as exc:
             raise IndexFileError(f"index {path} cannot be read ({exc}); rebuild it") from None
         if not faiss_index.ntotal == len(ids) == info.count or faiss_index.d != info.dim:
@@ -529,7 +540,12 @@ class Index:
                 f"{faiss_index.d}, {len(ids)} ids, metadata says {info.count} x {info.dim}; "
                 "rebuild it"
             )
-        return cls(faiss_index, ids, labels, positions, info)
+        return cls(faiss_index, ids, labels, positions, info, prints)
+
+    def parts(self) -> tuple[faiss.Index, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """(FAISS index, ids, labels, positions, fingerprints) as :meth:`__init__` takes them:
+        the state :mod:`~embedpipe.index.update` rewrites. Not copies."""
+        return self._faiss, self._ids, self._labels, self._positions, self._fingerprints
 
     # --- searching -----------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from ..errors import (
 )
 from .blocks import BlockSource
 from .core import EvalReport, Index, SearchResults
+from .update import UpdateReport, update_index
 
 if TYPE_CHECKING:
     from ..extraction.forward import QueryEmbedder
@@ -89,6 +90,29 @@ def eval_embeddings(
                 "current path (--embeddings)"
             )
     return index.eval(embedding_blocks(path), **options)
+
+
+def update_embeddings(
+    index_dir: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    columns: Columns | None = None,
+    retrain_if_below: float | None = None,
+    seed: int = 0,
+) -> tuple[Index, UpdateReport]:
+    """Update the index directory ``index_dir`` to the embeddings at ``path`` as they are now
+    (:func:`~embedpipe.index.update.update_index`) and write it back through
+    :meth:`Index.save`: the new directory is written beside the old one and swapped in, so
+    an update killed at any point leaves the previous index whole."""
+    updated, report = update_index(
+        Index.open(index_dir),
+        embedding_blocks(path, columns),
+        embeddings_path=str(Path(path).resolve()),
+        retrain_if_below=retrain_if_below,
+        seed=seed,
+    )
+    updated.save(index_dir, overwrite=True)
+    return updated, report
 
 
 @dataclasses.dataclass(frozen=True)
