@@ -3,8 +3,9 @@
 On clustered synthetic embeddings (1M x 512 around ~3,300 centres, and 100k x 2048), prints
 one table: for exact Flat search and for ``auto`` under each budget, the index chosen, build
 time, index size, recall@k on held-out queries against exact search, batch QPS at the tuned
-setting, and QPS relative to Flat. Target for 1M x 512: recall@10 >= 0.95 at >= 10x Flat QPS,
-within the budget.
+setting, and QPS relative to Flat. Targets for 1M x 512 (issue 19): recall@10 >= 0.95 within
+the budget, at >= 30x Flat QPS under 1 GB and >= 50x under 4 GB (raw FAISS reaches 57x with
+``IVF4096,SQ8`` at nprobe 4 on this data).
 
 ``--scale`` shrinks the collections *and* the budgets by the same factor, so a small run
 makes the same index choices as the full one (except where a collection becomes small
@@ -199,12 +200,18 @@ def main() -> None:
     print()
     for r in rows:
         if r.case == rows[0].case and r.index != "flat":
-            met = r.recall >= args.target_recall and r.speedup >= 10 and r.memory <= r.budget
+            speedup = target_speedup(r.budget / args.scale)
+            met = r.recall >= args.target_recall and r.speedup >= speedup and r.memory <= r.budget
             print(
                 f"{r.case}, {r.index}: recall@{args.k} {r.recall:.3f} at {r.speedup:.1f}x Flat "
-                f"QPS in {format_bytes(r.memory)}; target (>= {args.target_recall} at >= 10x, "
-                f"within the budget): {'met' if met else 'NOT met'}"
+                f"QPS in {format_bytes(r.memory)}; target (>= {args.target_recall} at >= "
+                f"{speedup}x, within the budget): {'met' if met else 'NOT met'}"
             )
+
+
+def target_speedup(full_budget: float) -> int:
+    """The QPS over Flat that issue 19 asks of 1M x 512 under a (full-scale) budget."""
+    return 50 if full_budget >= 4 * 10**9 else 30
 
 
 if __name__ == "__main__":
