@@ -153,6 +153,16 @@ class SourceFiles:
 # --- layouts: how N images are laid out on disk (one class per layout) ---------------------
 
 
+def _start(root: Path, stamp: str) -> bool:
+    """Whether a layout must be (re)built at ``root``: not when it was completed with the
+    same ``stamp``; otherwise what is there is cleared first."""
+    marker = root / _DONE
+    if marker.exists() and marker.read_text() == stamp:
+        return False
+    shutil.rmtree(root, ignore_errors=True)
+    return True
+
+
 class FolderLayout:
     """ImageFolder: ``images/<label>/<sub>/<i>.jpg``, 10 labels, 1,000 files a subfolder.
 
@@ -174,10 +184,8 @@ class FolderLayout:
     def build(self) -> bool:
         """Make the tree unless it is complete already; returns whether it was made."""
         stamp = f"{self.name} n={self.n} {LABELS}x{PER_FOLDER} links={LINKS_PER_SOURCE}"
-        marker = self.root / _DONE
-        if marker.exists() and marker.read_text() == stamp:
+        if not _start(self.root, stamp):
             return False
-        shutil.rmtree(self.root, ignore_errors=True)
         made: set[str] = set()
         for i, target in enumerate(self.sources.targets(self.n)):
             j = i // LABELS
@@ -186,7 +194,7 @@ class FolderLayout:
                 os.makedirs(folder, exist_ok=True)
                 made.add(folder)
             os.link(target, f"{folder}/{i:07d}.jpg")
-        marker.write_text(stamp)
+        (self.root / _DONE).write_text(stamp)
         return True
 
     def add(self, count: int) -> None:
@@ -230,16 +238,14 @@ class ShardLayout:
 
     def build(self) -> bool:
         stamp = f"{self.name} n={self.n} shards={self.files} {LABELS} labels"
-        marker = self.root / _DONE
-        if marker.exists() and marker.read_text() == stamp:
+        if not _start(self.root, stamp):
             return False
-        shutil.rmtree(self.root, ignore_errors=True)
         self.source.mkdir(parents=True)
         per = -(-self.n // self.files)
         for k in range(self.files):
             ids = range(k * per, min(self.n, (k + 1) * per))
             self._write(self.source / f"{k:05d}.tar", (f"{i % LABELS}/{i:07d}" for i in ids))
-        marker.write_text(stamp)
+        (self.root / _DONE).write_text(stamp)
         return True
 
     def add(self, count: int) -> None:
