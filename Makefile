@@ -38,7 +38,7 @@ gpu-check:
 
 # refresh the screenshot of the search page in docs/images/ from the browser test
 docs-images: install browser
-	EMBEDPIPE_UPDATE_DOCS=1 $(PYTHON) -m pytest -q tests/test_serve.py -k browser
+	EMBEDPIPE_UPDATE_DOCS=1 $(PYTHON) -m pytest -q tests/test_serve.py tests/test_curate.py -k browser
 
 clean:
 	rm -rf demo-output .pytest_cache build *.egg-info

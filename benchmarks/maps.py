@@ -8,8 +8,9 @@ embeddings have), labelled by cluster. Timed in this process, one run each:
 
 * ``project``: the reducer, fitted on ``--fit-sample`` rows (UMAP or PCA; 50,000 by
   default, as ``embedpipe map``) and placing every row with ``transform``;
-* ``neighbors``: each row's k nearest others: exact up to ``EXACT_MAX_ROWS`` rows, an HNSW
-  graph above (its recall@k against brute force on 1,000 rows is measured too);
+* ``neighbors``: each row's k nearest others (``embedpipe.neighbours.knn_graph``): exact up
+  to ``EXACT_MAX_ROWS`` rows, an IVF index tuned to a measured recall above (its recall@k
+  against brute force on 1,000 other rows is measured here too);
 * ``write``: ``map.parquet``, ``map.json``, the reducer and ``map.png``;
 
 and the peak RSS of the whole run, against the vectors' own size. Labels are arbitrary (they
@@ -28,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from index import Clusters, clustered
 
-from embedpipe import maps
+from embedpipe import neighbours
 from embedpipe.config import MapMethod
-from embedpipe.maps import EmbeddingMap, MapParams, nearest_neighbors, project, write_map
+from embedpipe.maps import EmbeddingMap, MapParams, project, write_map
 from embedpipe.provenance import Provenance
 
 
@@ -60,11 +61,10 @@ def main() -> None:
     ap.add_argument("--method", default="umap", choices=[m.value for m in MapMethod if m is not MapMethod.TSNE])
     ap.add_argument("--fit-sample", type=int, default=MapParams.fit_sample)
     ap.add_argument("--k", type=int, default=MapParams.k)
-    ap.add_argument("--exact-max-rows", type=int, default=maps.EXACT_MAX_ROWS,
-                    help="rows up to which neighbours are exact (the smoke run lowers it to reach HNSW)")
+    ap.add_argument("--exact-max-rows", type=int, default=neighbours.EXACT_MAX_ROWS,
+                    help="rows up to which neighbours are exact (the smoke run lowers it to reach IVF)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    maps.EXACT_MAX_ROWS = args.exact_max_rows
     rng = np.random.default_rng(0)
     centres = Clusters.draw(args.clusters, args.dim, rng)
     x = clustered(args.rows, centres, rng)
@@ -78,11 +78,12 @@ def main() -> None:
     xy, reducer, notes = project(x, params)
     steps["project_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    rows, sims, exact = nearest_neighbors(x, params.k)
+    graph = neighbours.knn_graph(x, params.k, exact=args.rows <= args.exact_max_rows)
     steps["neighbors_s"] = time.perf_counter() - t
-    recall = 1.0 if exact else neighbour_recall(x, rows, min(params.k, args.rows - 1), 1000, rng)
-    m = EmbeddingMap(ids, labels, xy, rows, sims, params, reducer,
-                     {**notes, "neighbors": "exact" if exact else "approximate (HNSW32)"})
+    rows = graph.neighbours
+    recall = 1.0 if graph.exact else neighbour_recall(x, rows, min(params.k, args.rows - 1), 1000, rng)
+    m = EmbeddingMap(ids, labels, xy, rows, graph.similarities, params, reducer,
+                     {**notes, "neighbors": graph.describe()})
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         write_map(m, Path(tmp) / "map", provenance=Provenance(backbone="synthetic", layer="gap", dim=args.dim))
@@ -90,7 +91,7 @@ def main() -> None:
     report = {
         "rows": args.rows, "dim": args.dim, "method": args.method, "fitted_rows": notes["fitted_rows"],
         **{k: round(v, 2) for k, v in steps.items()}, "total_s": round(sum(steps.values()), 2),
-        "neighbors": "exact" if exact else "HNSW32", "neighbor_recall": round(recall, 4),
+        "neighbors": graph.method, "tuned_recall": graph.recall, "neighbor_recall": round(recall, 4),
         "vectors_mib": round(data_mib, 1), "peak_rss_mib": round(peak_mib(), 1),
     }
     for key, value in report.items():

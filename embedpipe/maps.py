@@ -14,9 +14,9 @@ PCA and t-SNE. UMAP and PCA are fitted on at most ``fit_sample`` rows (a seeded 
 sample) and place the rest with ``transform``: a million rows cost a fit on 50,000 plus
 a cheap transform. t-SNE has no transform: it embeds every row at once, and cannot update.
 
-Neighbours are exact (inner product of L2-normalised vectors, FAISS flat search) up to
-``EXACT_MAX_ROWS`` rows; above that an HNSW graph finds them (approximate, said in
-``map.json``).
+Neighbours come from :func:`embedpipe.neighbours.knn_graph`: exact (inner product of
+L2-normalised vectors, FAISS flat search) up to 200,000 rows; above that an IVF index
+tuned to a measured recall@k finds them (the method and the recall are in ``map.json``).
 """
 
 from __future__ import annotations
@@ -35,17 +35,13 @@ from .config import MapMethod
 from .errors import MissingDependencyError, StoreError
 from .figures import png
 from .files import atomic_write, atomic_write_bytes, atomic_write_text
+from .neighbours import knn_graph, l2_normalize
 from .provenance import Provenance
 
 MAP_FILE = "map.parquet"
 PARAMS_FILE = "map.json"
 REDUCER_FILE = "reducer.joblib"
 PNG_FILE = "map.png"
-
-#: rows up to which neighbours are found by exact search (n^2 d flops; 200k x 512 takes
-#: minutes on 2 cores), above which an HNSW graph finds them
-EXACT_MAX_ROWS = 200_000
-
 
 @dataclass(frozen=True)
 class MapParams:
@@ -105,36 +101,6 @@ def _lists(values: np.ndarray | pa.Array, k: int) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, flat)
 
 
-def _normalised(vectors: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
-
-
-def nearest_neighbors(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The ``k`` nearest other rows of each row by cosine: ``(rows (n, k) int64,
-    similarity (n, k) float32, exact)``; ``k`` is capped at ``n - 1``."""
-    import faiss
-
-    x = _normalised(vectors)
-    n = len(x)
-    k = min(k, n - 1)
-    exact = n <= EXACT_MAX_ROWS
-    if exact:
-        index = faiss.IndexFlatIP(x.shape[1])
-    else:
-        index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = max(64, 2 * k)
-    index.add(x)
-    sims, rows = index.search(x, k + 1)
-    # drop each row itself (usually first; anywhere among exact ties)
-    own = rows == np.arange(n)[:, None]
-    keep = np.where(own.any(axis=1, keepdims=True), ~own, np.arange(k + 1) < k)
-    rows = rows[keep].reshape(n, k)
-    sims = sims[keep].reshape(n, k)
-    return rows.astype(np.int64), sims.astype(np.float32), exact
-
-
 def _reducer(params: MapParams, n: int):
     if params.method is MapMethod.PCA:
         from sklearn.decomposition import PCA
@@ -165,7 +131,7 @@ def check_available(method: MapMethod) -> None:
 def project(vectors: np.ndarray, params: MapParams) -> tuple[np.ndarray, Any, dict[str, Any]]:
     """(n, D) -> ((n, 2) float32 coordinates, the fitted reducer, notes). UMAP and PCA are
     fitted on at most ``params.fit_sample`` rows and transform the rest."""
-    x = _normalised(vectors)
+    x = l2_normalize(vectors)
     n = len(x)
     reducer = _reducer(params, n)
     started = time.perf_counter()
@@ -187,10 +153,10 @@ def build_map(ids: np.ndarray, labels: np.ndarray, vectors: np.ndarray, params: 
     if len(ids) < 3:
         raise StoreError(f"a map needs at least 3 rows, got {len(ids)}")
     xy, reducer, notes = project(vectors, params)
-    rows, sims, exact = nearest_neighbors(vectors, params.k)
-    notes["neighbors"] = "exact" if exact else "approximate (HNSW32)"
-    return EmbeddingMap(np.asarray(ids, dtype=object), np.asarray(labels, dtype=object), xy, rows, sims,
-                        params, reducer, notes)
+    graph = knn_graph(vectors, min(params.k, len(ids) - 1))
+    notes["neighbors"] = graph.describe()
+    return EmbeddingMap(np.asarray(ids, dtype=object), np.asarray(labels, dtype=object), xy,
+                        graph.neighbours, graph.similarities, params, reducer, notes)
 
 
 def update_map(old: EmbeddingMap, ids: np.ndarray, labels: np.ndarray, vectors: np.ndarray) -> EmbeddingMap:
@@ -203,11 +169,11 @@ def update_map(old: EmbeddingMap, ids: np.ndarray, labels: np.ndarray, vectors: 
     xy = np.empty((len(ids), 2), np.float32)
     xy[kept] = old.xy[[where[i] for i in np.asarray(ids)[kept]]]
     if (~kept).any():
-        xy[~kept] = np.asarray(old.reducer.transform(_normalised(vectors[~kept])), dtype=np.float32)
-    rows, sims, exact = nearest_neighbors(vectors, old.params.k)
-    notes = {**old.notes, "updated_rows": int((~kept).sum()), "neighbors": "exact" if exact else "approximate (HNSW32)"}
-    return EmbeddingMap(np.asarray(ids, dtype=object), np.asarray(labels, dtype=object), xy, rows, sims,
-                        old.params, old.reducer, notes)
+        xy[~kept] = np.asarray(old.reducer.transform(l2_normalize(vectors[~kept])), dtype=np.float32)
+    graph = knn_graph(vectors, min(old.params.k, len(ids) - 1))
+    notes = {**old.notes, "updated_rows": int((~kept).sum()), "neighbors": graph.describe()}
+    return EmbeddingMap(np.asarray(ids, dtype=object), np.asarray(labels, dtype=object), xy,
+                        graph.neighbours, graph.similarities, old.params, old.reducer, notes)
 
 
 # --- files ---------------------------------------------------------------------------------

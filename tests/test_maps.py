@@ -11,7 +11,7 @@ from conftest import require, tiny_dataset
 
 from embedpipe.cli import main
 from embedpipe.config import MapMethod
-from embedpipe.maps import MapParams, build_map, nearest_neighbors, read_map, update_map, write_map
+from embedpipe.maps import MapParams, build_map, read_map, update_map, write_map
 from embedpipe.provenance import Provenance
 
 
@@ -23,8 +23,9 @@ def clusters(n=300, d=16, seed=0):
 
 
 def test_neighbours_are_exact_cosine_neighbours():
-    x, _ = clusters()
-    rows, sims, exact = nearest_neighbors(x, 7)
+    x, labels = clusters()
+    m = build_map(np.arange(len(x)).astype(str), labels, x, MapParams(method=MapMethod.PCA, k=7))
+    rows, sims, exact = m.neighbors, m.similarity, m.notes["neighbors"] == "exact"
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     gram = unit @ unit.T
     np.fill_diagonal(gram, -np.inf)

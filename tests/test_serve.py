@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import os
@@ -18,7 +17,7 @@ from urllib.parse import urlencode
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_image, require
+from conftest import browser_page, make_image, require
 from PIL import Image
 
 require("fastapi", "the search service: pip install -e '.[serve]'")
@@ -580,40 +579,6 @@ def live_server(photo_index):
     thread.join(10)
 
 
-def _chromium() -> str:
-    import shutil
-
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        message = "Chromium is not installed: `make browser` (Debian's chromium package)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # CI installs it; a missing browser there is a broken setup
-        pytest.skip(message)
-    return path
-
-
-@contextlib.contextmanager
-def _browser_page(url: str):
-    """Debian's Chromium through Playwright, on ``url``: ``(page, errors)``, the page's
-    errors and console errors (a CSP refusal included) collected as they come."""
-    sync_api = require("playwright.sync_api", "the browser test")
-    chromium = _chromium()
-    # these machines have no network: keep Chromium from trying (see the env notes)
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=args)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-            page.goto(url)
-            yield page, errors
-        finally:
-            browser.close()
-
-
 def _thumbnails_loaded(page) -> None:
     """Every result image fetched and decoded (the page's CSP rules out wait_for_function's
     string evaluation, so: Playwright's own assertions, then one evaluate)."""
@@ -628,7 +593,7 @@ def _thumbnails_loaded(page) -> None:
 @pytest.mark.slow
 def test_the_page_in_a_real_browser(live_server, photo_index, tmp_path):
     sync_api = require("playwright.sync_api", "the browser test")
-    with _browser_page(live_server + "/") as (page, errors):
+    with browser_page(live_server + "/") as (page, errors):
         sync_api.expect(page.locator("#info")).to_contain_text("24 images")
         page.fill("#k", "6")
         page.set_input_files("#file", str(photo_index / "images" / "chelsea" / "crop.jpg"))
@@ -680,7 +645,7 @@ def test_the_page_in_a_real_browser(live_server, photo_index, tmp_path):
 @pytest.mark.slow
 def test_the_map_view_in_a_real_browser(live_server, photo_index, tmp_path):
     sync_api = require("playwright.sync_api", "the browser test")
-    with _browser_page(live_server + "/") as (page, errors):
+    with browser_page(live_server + "/") as (page, errors):
         sync_api.expect(page.locator("#tab-map")).to_be_visible()
         page.fill("#k", "6")
         page.click("#tab-map")

@@ -7,6 +7,6 @@ except `dedup.read_content_hashes`, which reads the one column ``read_embeddings
 from __future__ import annotations
 
 from ..errors import CurationInputError
-from .knn import knn_graph, knn_search, l2_normalize
+from ..neighbours import knn_graph, knn_search, l2_normalize
 
 __all__ = ["CurationInputError", "knn_graph", "knn_search", "l2_normalize"]

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import CurationInputError, MissingDependencyError
-from .knn import knn_graph, l2_normalize
+from ..neighbours import knn_graph, l2_normalize
 
 DEFAULT_K = 10
 DEFAULT_FOLDS = 5
@@ -109,7 +109,7 @@ def neighbour_disagreement(neighbours: np.ndarray, labels: np.ndarray) -> np.nda
 
 def outliers(ids: np.ndarray, similarities: np.ndarray, labels: np.ndarray | None = None) -> pd.DataFrame:
     """Every row ranked by ``distance`` = 1 - cosine similarity to its k-th nearest
-    neighbour (``similarities``: (N, k) float32 from :func:`knn_graph`), farthest first:
+    neighbour (``similarities``: (N, k) float32 from :func:`~embedpipe.neighbours.knn_graph`), farthest first:
     columns :data:`OUTLIER_COLUMNS`."""
     ids = np.asarray(ids, dtype=object)
     distance = 1.0 - np.asarray(similarities, np.float64)[:, -1]
@@ -136,10 +136,12 @@ class AuditResult:
     k: int
     folds: int
     note: str = ""
+    neighbours: str = "exact"
 
     def summary(self) -> dict:
         return {"rows": len(self.outliers), "label_issues": len(self.label_issues),
-                "k": self.k, "folds": self.folds, "note": self.note}
+                "k": self.k, "folds": self.folds, "neighbours": self.neighbours,
+                "note": self.note}
 
 
 def audit(ids: np.ndarray, vectors: np.ndarray, labels: np.ndarray | None, *, k: int = DEFAULT_K,
@@ -155,14 +157,16 @@ def audit(ids: np.ndarray, vectors: np.ndarray, labels: np.ndarray | None, *, k:
     if len(x) < 2:
         raise CurationInputError(f"audit needs at least 2 rows, got {len(x)}")
     k = min(int(k), len(x) - 1)
-    neighbours, sims = knn_graph(x, k, normalized=True)
+    graph = knn_graph(x, k, normalized=True)
+    neighbours, sims, found_by = graph.neighbours, graph.similarities, graph.describe()
     labels_arr = None if labels is None else np.asarray(labels, dtype=object)
     out = outliers(ids, sims, labels_arr)
     empty = pd.DataFrame({c: [] for c in LABEL_ISSUE_COLUMNS})
     labelled = (np.zeros(len(ids), bool) if labels_arr is None
                 else pd.notna(labels_arr).astype(bool))
     if labelled.sum() == 0:
-        return AuditResult(empty, out, None, None, k, folds, "no labels: label audit skipped")
+        return AuditResult(empty, out, None, None, k, folds, "no labels: label audit skipped",
+                           found_by)
     require_cleanlab()  # before minutes of cross-validation, not after
     rows = np.flatnonzero(labelled)
     probs, classes = out_of_fold_probabilities(np.asarray(vectors, np.float32)[rows],
@@ -171,4 +175,4 @@ def audit(ids: np.ndarray, vectors: np.ndarray, labels: np.ndarray | None, *, k:
     knn = neighbour_disagreement(neighbours, np.where(labelled, labels_arr, "\0unlabelled"))
     issues = label_issues(ids[rows], labels_arr[rows], probs, classes, knn[rows])
     note = "" if labelled.all() else f"{int((~labelled).sum())} unlabelled rows skipped by the label audit"
-    return AuditResult(issues, out, probs, classes, k, folds, note)
+    return AuditResult(issues, out, probs, classes, k, folds, note, found_by)

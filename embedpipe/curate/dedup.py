@@ -1,7 +1,8 @@
 """Exact and near duplicates inside one set of embeddings, and leakage between two.
 
 Near duplicates are pairs whose cosine similarity reaches ``threshold``, found through
-each row's k nearest neighbours (:func:`~embedpipe.curate.knn.knn_graph`); pairs are
+each row's k nearest neighbours (:func:`~embedpipe.neighbours.knn_graph`: exact up to 200k rows, an IVF
+index with measured recall above); pairs are
 grouped by connected components, with exact duplicates (equal ``content_hash``) joined
 to them whatever their vectors say.
 
@@ -37,7 +38,7 @@ import pandas as pd
 
 from ..config import DUPLICATE_SIMILARITY
 from ..errors import CurationInputError
-from .knn import knn_graph, knn_search, l2_normalize
+from ..neighbours import knn_graph, knn_search, l2_normalize
 
 #: the near-duplicate threshold (measured: see embedpipe.config.DUPLICATE_SIMILARITY)
 DEFAULT_THRESHOLD = DUPLICATE_SIMILARITY
@@ -66,6 +67,7 @@ class DedupResult:
     threshold: float
     group_threshold: float
     k: int
+    neighbours: str = "exact"
 
     @property
     def duplicates(self) -> pd.DataFrame:
@@ -93,6 +95,7 @@ class DedupResult:
             "threshold": self.threshold,
             "group_threshold": self.group_threshold,
             "k": self.k,
+            "neighbours": self.neighbours,
         }
 
 
@@ -184,7 +187,8 @@ def dedup(
     if n < 2:
         raise CurationInputError(f"dedup needs at least 2 rows, got {n}")
     k = min(int(k), n - 1)
-    neighbours, sims = knn_graph(x, k, normalized=True)
+    graph = knn_graph(x, k, normalized=True)
+    neighbours, sims = graph.neighbours, graph.similarities
     rows, cols = np.nonzero(sims >= threshold)
     rows, cols = rows.astype(np.int64), neighbours[rows, cols]
     # exact duplicates: a row with no hash (None) matches nothing, not other None rows
@@ -240,7 +244,7 @@ def dedup(
         "similarity_to_representative": np.clip(sim_to_rep, -1, 1).astype(np.float32),
         "exact_duplicate": exact_dup | has_exact_member,
     })
-    return DedupResult(table, sims[:, 0].copy(), threshold, group_threshold, k)
+    return DedupResult(table, sims[:, 0].copy(), threshold, group_threshold, k, graph.describe())
 
 
 def dedup_across(

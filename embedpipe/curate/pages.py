@@ -93,7 +93,7 @@ def dedup_page(result: DedupResult, paths: dict[str, str] | None, leakage: pd.Da
             f"duplicates; keep {s['keep']:,}, drop {s['drop']:,} ({s['exact_duplicates']:,} "
             f"exact duplicates by content hash). Near duplicates: cosine &ge; {s['threshold']:.3f}; "
             f"each member &ge; {s['group_threshold']:.3f} to its group's representative (the "
-            "first id in sorted order, kept).</p>"),
+            f"first id in sorted order, kept). Neighbours: {html.escape(s['neighbours'])}.</p>"),
             _figure(histogram_png(result.nn_similarity, result.threshold), "similarity histogram",
                     "Each image's similarity to its nearest other image. Duplicates sit in the "
                     "spike near 1; put the threshold in the valley before it.")]
@@ -153,7 +153,8 @@ def write_audit(out: Path, issues: pd.DataFrame, outliers: pd.DataFrame, paths: 
     out = Path(out)
     note = (f"{summary['rows']:,} images; label issues by confident learning (cleanlab) on "
             f"{summary['folds']}-fold out-of-fold probabilities of a logistic regression; "
-            f"outliers by 1 - cosine similarity to the {summary['k']}-th nearest neighbour.")
+            f"outliers by 1 - cosine similarity to the {summary['k']}-th nearest neighbour "
+            f"({summary['neighbours']}).")
     return {
         "label_issues": write_parquet(issues, out / "label_issues.parquet"),
         "outliers": write_parquet(outliers, out / "outliers.parquet"),
