@@ -8,7 +8,7 @@ plus ``block_rows x (k + 1)`` results, whatever N is; time is O(N^2 D), which is
 at 200k x 512 on two cores and hours at a million.
 
 Above that the graph comes from an inverted-file index (``IVF<nlist>,Flat``, about
-``4 sqrt(N)`` lists trained on a sample): each row is compared only with the rows of the
+``sqrt(8 N)`` lists trained on a sample): each row is compared only with the rows of the
 ``nprobe`` lists nearest it. ``nprobe`` is not guessed: starting from 8 it doubles until
 recall@k, measured against exact search for a seeded sample of rows, reaches
 ``target_recall``, and the figure reached is returned with the graph (:class:`KnnGraph`),
@@ -142,9 +142,11 @@ def _drop_self(found: np.ndarray, sims: np.ndarray, k: int,
 
 
 def ivf_lists(n: int) -> int:
-    """Inverted lists for ``n`` rows: the power of two nearest ``4 sqrt(n)``, fewer when
-    that would leave a list under 39 training rows (FAISS's k-means minimum)."""
-    ideal = round(np.log2(4 * np.sqrt(n)))
+    """Inverted lists for a graph over ``n`` rows: the power of two nearest ``sqrt(8 n)``,
+    fewer when that would leave a list under 39 training rows (FAISS's k-means minimum).
+    Every row is a query, so the lists balance the coarse search (n x nlist distances)
+    against the scan (n x nprobe x n / nlist) at the nprobe of 8 that tuning starts from."""
+    ideal = round(np.log2(np.sqrt(8 * n)))
     return 1 << max(0, min(ideal, int(np.log2(n / 39))))
 
 
