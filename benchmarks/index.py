@@ -13,15 +13,28 @@ enough for exact search)::
 
     python benchmarks/index.py --scale 0.05     # a minute or so
     python benchmarks/index.py                  # full size: ~10 GB of RAM, tens of minutes
+
+``--autofaiss-python PY`` adds, per budget, the index autofaiss chooses and tunes for the
+same (L2-normalised) vectors, the same budget and ``min_nearest_neighbors_to_retrieve=k``,
+searched here at the setting autofaiss stored. autofaiss pins numpy below 2, so it runs in
+its own environment, a separate process::
+
+    python -m venv /tmp/af && /tmp/af/bin/pip install autofaiss
+    python benchmarks/index.py --autofaiss-python /tmp/af/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
+import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -47,6 +60,7 @@ class Row:
     qps: float
     speedup: float
     setting: str
+    raw_qps: float | None = None  # the same FAISS index searched directly, no wrapper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +127,7 @@ def run_case(
         build_s = time.perf_counter() - started
         report = index.eval(database, queries=queries, k=args.k, repeats=args.repeats)
         flat_qps = flat_qps or report.qps
+        raw_qps = raw_faiss_qps(index, queries, report, args)
         rows.append(
             Row(
                 case=case,
@@ -125,11 +140,83 @@ def run_case(
                 qps=report.qps,
                 speedup=report.qps / flat_qps,
                 setting="-" if report.knob is None else f"{report.knob}={report.value}",
+                raw_qps=raw_qps,
             )
         )
         log.info("%s", rows[-1])
         del index
+    if args.autofaiss_python:
+        rows.extend(autofaiss_rows(database, queries, budgets, flat_qps, case, args))
     return rows
+
+
+def raw_faiss_qps(index: Index, queries: np.ndarray, report, args: argparse.Namespace) -> float:
+    """Median batch QPS of the index's own FAISS object at the same setting, queries
+    normalised beforehand: what the wrapper's search would cost if it cost nothing."""
+    faiss_index = index.parts()[0]
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    faiss.normalize_L2(q)
+    if report.knob is not None:
+        name = "nprobe" if report.knob == "nprobe" else "efSearch"
+        faiss.ParameterSpace().set_index_parameter(faiss_index, name, report.value)
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        faiss_index.search(q, args.k)
+        times.append(time.perf_counter() - t)
+    return len(q) / statistics.median(times)
+
+
+AUTOFAISS = """
+import sys
+from autofaiss import build_index
+build_index(embeddings=sys.argv[1], index_path=sys.argv[2], index_infos_path=sys.argv[3],
+            max_index_memory_usage=sys.argv[4], current_memory_available="16GB", metric_type="ip",
+            min_nearest_neighbors_to_retrieve=int(sys.argv[5]), nb_cores=os.cpu_count(), verbose=30)
+""".replace("import sys", "import os, sys")
+
+
+def autofaiss_rows(database: list[Block], queries: np.ndarray, budgets: list[tuple[str, int]],
+                   flat_qps: float, case: str, args: argparse.Namespace) -> list[Row]:
+    """autofaiss's own choice for each budget, built in its environment, searched here."""
+    x = np.concatenate([b.vectors for b in database])
+    faiss.normalize_L2(x)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    faiss.normalize_L2(q)
+    truth = faiss.knn(q, x, args.k, metric=faiss.METRIC_INNER_PRODUCT)[1]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        emb = Path(tmp) / "emb"
+        emb.mkdir()
+        np.save(emb / "vectors.npy", x)
+        del x
+        for label, budget in budgets:
+            index_path, infos = Path(tmp) / f"{budget}.index", Path(tmp) / f"{budget}.json"
+            started = time.perf_counter()
+            subprocess.run([args.autofaiss_python, "-c", AUTOFAISS, str(emb), str(index_path), str(infos),
+                            f"{budget // 2**20}MB", str(args.k)], check=True)
+            build_s = time.perf_counter() - started
+            index = faiss.read_index(str(index_path))
+            setting = json.loads(infos.read_text())["index_param"]
+            faiss.ParameterSpace().set_index_parameters(index, setting)
+            found = index.search(q, args.k)[1]
+            recall = float(np.mean([len(np.intersect1d(f, t)) / args.k for f, t in zip(found, truth)]))
+            times = []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                index.search(q, args.k)
+                times.append(time.perf_counter() - t)
+            qps = len(q) / statistics.median(times)
+            rows.append(Row(case=case, index=label.replace("auto", "autofaiss"), budget=budget,
+                            factory=index_factory_name(infos), build_s=build_s,
+                            memory=index_path.stat().st_size, recall=recall, qps=qps,
+                            speedup=qps / flat_qps, setting=setting))
+            log.info("%s", rows[-1])
+    return rows
+
+
+def index_factory_name(infos: Path) -> str:
+    return json.loads(infos.read_text()).get("index_key", "?")
 
 
 def print_table(rows: list[Row], k: int) -> None:
@@ -142,6 +229,7 @@ def print_table(rows: list[Row], k: int) -> None:
         "memory",
         f"recall@{k}",
         "QPS",
+        "raw FAISS QPS",
         "x Flat",
         "setting",
     )
@@ -155,6 +243,7 @@ def print_table(rows: list[Row], k: int) -> None:
             format_bytes(r.memory),
             f"{r.recall:.3f}",
             f"{r.qps:,.0f}",
+            "-" if r.raw_qps is None else f"{r.raw_qps:,.0f}",
             f"{r.speedup:.1f}x",
             r.setting,
         )
@@ -178,6 +267,7 @@ def main() -> None:
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--repeats", type=int, default=3, help="timed searches (median QPS)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--autofaiss-python", help="a Python with autofaiss installed: adds its rows")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     args = parser.parse_args()
     logging.basicConfig(
@@ -199,7 +289,7 @@ def main() -> None:
 
     print()
     for r in rows:
-        if r.case == rows[0].case and r.index != "flat":
+        if r.case == rows[0].case and r.index.startswith("auto "):
             speedup = target_speedup(r.budget / args.scale)
             met = r.recall >= args.target_recall and r.speedup >= speedup and r.memory <= r.budget
             print(
@@ -207,6 +297,10 @@ def main() -> None:
                 f"QPS in {format_bytes(r.memory)}; target (>= {args.target_recall} at >= "
                 f"{speedup}x, within the budget): {'met' if met else 'NOT met'}"
             )
+            theirs = [o for o in rows if o.case == r.case and o.index == r.index.replace("auto", "autofaiss")]
+            for o in theirs:
+                print(f"  autofaiss under the same budget: {o.factory}, recall@{args.k} {o.recall:.3f} "
+                      f"at {o.speedup:.1f}x Flat; embedpipe {r.qps / o.qps:.1f}x its QPS")
 
 
 def target_speedup(full_budget: float) -> int:

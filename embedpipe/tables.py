@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,26 @@ def embedding_blocks(path: str | os.PathLike, columns: Columns = Columns()) -> C
     if Path(path).suffix == ".npy":
         return lambda: _npy_blocks(Path(path), columns)
     return lambda: _parquet_blocks(path, columns)
+
+
+def embedding_shards(
+    path: str | os.PathLike, columns: Columns = Columns()
+) -> list[tuple[Callable[[], Iterator[Embeddings]], int]]:
+    """``path`` split into files that can be read on their own, in the order
+    :func:`embedding_blocks` reads them: (a picklable re-iterable source of that file's
+    blocks, its row count from the Parquet footer) per part. An ``.npy`` matrix is one."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    if is_embedpipe_dataset(path) and columns == Columns():
+        return [(partial(iter_embedding_blocks, part), pq.read_metadata(part).num_rows)
+                for part in list_parts(path)]
+    if Path(path).suffix == ".npy":
+        return [(partial(_npy_blocks, Path(path), columns), len(np.load(path, mmap_mode="r")))]
+    if not Path(path).exists():
+        raise StoreError(f"embeddings {str(path)!r} do not exist")
+    return [(partial(_parquet_blocks, file, columns), pq.read_metadata(file).num_rows)
+            for file in ds.dataset(str(path), format="parquet").files]
 
 
 def read_any(path: str | os.PathLike, columns: Columns = Columns()) -> Embeddings:

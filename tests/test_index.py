@@ -36,6 +36,7 @@ from embedpipe.index import (
     embedding_blocks,
     format_bytes,
     parse_memory_budget,
+    plan_candidates,
     plan_index,
     search_embeddings,
 )
@@ -158,20 +159,20 @@ GB = 10**9
     [
         (1_000, 64, None, IndexKind.FLAT, "Flat"),
         (30_000, 512, None, IndexKind.FLAT, "Flat"),  # 61 MB of vectors: exact is fast
-        (50_000, 512, None, IndexKind.HNSW, "HNSW32"),
-        (1_000_000, 512, 4 * GB, IndexKind.HNSW, "HNSW32"),
-        (1_000_000, 512, int(2.5 * GB), IndexKind.IVF, "IVF2048,Flat"),  # graph does not fit
-        (1_000_000, 512, 1 * GB, IndexKind.IVFSQ, "IVF2048,SQ8"),
-        (1_000_000, 512, 200 * 10**6, IndexKind.IVFPQ, "IVF2048,PQ128np"),  # 4 dims per byte
+        (50_000, 512, None, IndexKind.IVF, "IVF1024,Flat"),
+        (1_000_000, 512, 4 * GB, IndexKind.IVF, "IVF4096,Flat"),
+        (1_000_000, 512, int(2.5 * GB), IndexKind.IVF, "IVF4096,Flat"),
+        (1_000_000, 512, 1 * GB, IndexKind.IVFSQ, "IVF4096,SQ8"),
+        (1_000_000, 512, 200 * 10**6, IndexKind.IVFPQ, "IVF4096,PQ128np"),  # 4 dims per byte
         (
             1_000_000,
             512,
             60 * 10**6,
             IndexKind.IVFPQ,
-            "OPQ32_128,IVF2048,PQ32np",
+            "OPQ32_128,IVF4096,PQ32np",
         ),  # 16 dims per byte
-        (100_000, 2048, 1 * GB, IndexKind.HNSW, "HNSW32"),
-        (5_000_000, 128, None, IndexKind.IVF, "IVF2048,Flat"),  # too many rows for a graph
+        (100_000, 2048, 1 * GB, IndexKind.IVF, "IVF1024,Flat"),
+        (5_000_000, 128, None, IndexKind.IVF, "IVF4096,Flat"),  # too many rows for a graph
         (
             10_000,
             512,
@@ -182,10 +183,19 @@ GB = 10**9
     ],
 )
 def test_plan_auto(n: int, dim: int, budget: int | None, kind: IndexKind, factory: str) -> None:
-    plan = plan_index(n, dim, memory_budget=budget, train_rows=min(n, 130_000) - 1000)
+    # a build's 384 MiB sample holds 196k rows of 512 floats
+    plan = plan_index(n, dim, memory_budget=budget, train_rows=min(n, 200_000) - 1000)
     assert (plan.kind, plan.factory) == (kind, factory)
     assert budget is None or plan.estimated_bytes <= budget
     assert f"{n:,} x {dim}" in plan.reason
+
+
+def test_plan_auto_takes_a_graph_where_the_sample_cannot_train_the_lists() -> None:
+    """129k training rows give 1M rows 2048 lists, not the 4096 they need: pooled clusters
+    make IVF slow there, so the graph comes first while it fits, and IVF-Flat after it."""
+    plans = plan_candidates(1_000_000, 512, memory_budget=4 * GB, train_rows=129_000)
+    assert [p.factory for p in plans[:2]] == ["HNSW32", "IVF2048,Flat"]
+    assert plan_index(3_000_000, 512, train_rows=129_000).factory == "IVF2048,Flat"  # too many for a graph
 
 
 def test_plan_few_training_rows_shrinks_lists_and_codes() -> None:

@@ -78,6 +78,11 @@ def index() -> None:
 )
 @click.option("--seed", type=int, default=0, help="Seed of the training sample and k-means.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index at --out.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              help="ray: add the Parquet parts in Ray tasks and merge them (flat and IVF "
+              "indexes; pip install \"embedpipe[ray]\"). Scan and training stay here.")
+@click.option("--ray-address", help="With --engine ray: the cluster to join ('auto', "
+              "ray://host:10001). Default: start Ray on this machine.")
 @table_columns
 @friendly_errors
 def build(embeddings: Path, out: Path, index_spec: str, overwrite: bool, columns: dict | None,
@@ -85,13 +90,12 @@ def build(embeddings: Path, out: Path, index_spec: str, overwrite: bool, columns
     """Build an index over the embeddings dataset EMBEDDINGS and write it to --out. Tables
     other tools wrote work too: a Parquet with an id and a vector column, or an .npy
     matrix with --ids."""
-    from ..index import Index, check_destination, embedding_blocks
+    from ..index import build_embeddings, check_destination
     from ..tables import Columns
 
     check_destination(out, overwrite=overwrite)  # before the build, not after it
-    built = Index.build(
-        embedding_blocks(embeddings, Columns(**columns) if columns else None), index=index_spec,
-        embeddings_path=embeddings, **options,
+    built = build_embeddings(
+        embeddings, columns=Columns(**columns) if columns else None, index=index_spec, **options
     )
     built.save(out, overwrite=overwrite)
     info = built.info

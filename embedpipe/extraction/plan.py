@@ -3,11 +3,11 @@ this machine, decided once from the config and the hardware."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ..cluster import local_cores as cpu_count
 from ..config import Device, ExtractConfig, Precision
 from ..errors import DeviceError
 
@@ -27,13 +27,6 @@ class Runtime:
     def to_dict(self) -> dict:
         return {**asdict(self), "precision": self.precision.value}
 
-
-def cpu_count() -> int:
-    """Cores this process may use (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def bf16_supported_on_cpu() -> bool:

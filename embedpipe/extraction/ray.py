@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from ..cluster import ray_session
 from ..config import DecodeMode, Device, ExtractConfig
 from ..errors import MissingDependencyError
 from ..images.containers import Container, open_containers
@@ -47,11 +48,11 @@ from ..images.preprocess import Preprocessing
 from ..images.sources import ImageRecord, open_source
 from .forward import BatchEmbedder
 from .job import (
+    ContainerPlan,
     Embedded,
     ExtractSummary,
     Failed,
     JobWriter,
-    ContainerPlan,
     begin,
     begin_containers,
     build_provenance,
@@ -62,7 +63,7 @@ from .layers import open_group
 from .plan import cpu_count, plan
 
 if TYPE_CHECKING:
-    import ray
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -221,29 +222,6 @@ class EmbedActor:
 
 
 # --- the driver ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None) -> Iterator[ray]:
-    """Connect to ``address`` (or start Ray in this process); shut down what we started.
-
-    A Ray instance the caller already initialised is used as it is and left running.
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(
-        address=address,
-        num_cpus=cpu_count() if address is None else None,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 @contextlib.contextmanager

@@ -27,10 +27,11 @@ call as FAISS ``SearchParameters`` and never change the shared index.
 
 The modules, in the order they build on each other: ``plan`` (metrics, kinds, budgets,
 choosing), ``blocks`` (validated, sampled sources), ``exact`` (ground truth, recall),
-``faiss_ops``, ``tuning``, ``core`` (the :class:`Index`), ``update`` (growing and shrinking
+``faiss_ops``, ``tuning``, ``adding`` (the add pass, here or in Ray tasks), ``core`` (the :class:`Index`), ``update`` (growing and shrinking
 a built index without training it again), ``datasets`` (files).
 """
 
+from .adding import Shard
 from .blocks import Block, BlockLike, BlockSource, IndexData, as_block_source
 from .core import (
     FORMAT_VERSION,
@@ -47,7 +48,9 @@ from .core import (
 )
 from .datasets import (
     QueryFailure,
+    build_embeddings,
     embedding_blocks,
+    embedding_shards,
     eval_embeddings,
     search_embeddings,
     search_images,
@@ -69,8 +72,8 @@ from .update import UpdateReport, update_index
 __all__ = [
     "FORMAT_VERSION", "IDS_FILE", "INDEX_FILE", "META_FILE", "RESULT_COLUMNS",
     "Block", "BlockLike", "BlockSource", "EvalReport", "Index", "IndexData", "IndexInfo",
-    "IndexKind", "IndexPlan", "Metric", "QueryFailure", "SearchKnob", "SearchResults", "Tuning", "UpdateReport",
-    "as_block_source", "check_destination", "embedding_blocks", "eval_embeddings", "format_bytes",
+    "IndexKind", "IndexPlan", "Metric", "QueryFailure", "SearchKnob", "SearchResults", "Shard", "Tuning", "UpdateReport",
+    "as_block_source", "build_embeddings", "check_destination", "embedding_blocks", "embedding_shards", "eval_embeddings", "format_bytes",
     "parse_memory_budget", "plan_candidates", "plan_index", "read_info", "search_embeddings",
     "search_images", "update_embeddings", "update_index",
 ]

@@ -49,9 +49,9 @@ from ..errors import (
 from ..files import atomic_write, atomic_write_text, replace_dir, temporary_sibling
 from ..provenance import differences
 from ..store import manifest_path
+from .adding import Shard, add_and_tune, check_mergeable
 from .blocks import (
     QUERY_DIM_HINT,
-    BlockSource,
     IndexData,
     as_block_source,
     prepare,
@@ -70,7 +70,7 @@ from .plan import (
     parse_metric,
     plan_candidates,
 )
-from .tuning import Tuning, tune_knob
+from .tuning import Tuning
 
 if TYPE_CHECKING:
     pass
@@ -206,53 +206,6 @@ def _check_positive(value: int, what: str) -> None:
         raise IndexInputError(f"{what} must be a positive integer, got {value!r}")
 
 
-def _add_and_tune(
-    faiss_index: faiss.Index,
-    source: BlockSource,
-    ids: np.ndarray,
-    queries: np.ndarray,
-    query_rows: np.ndarray,
-    *,
-    metric: Metric,
-    tune_k: int,
-    target_recall: float,
-) -> tuple[np.ndarray, Tuning | None]:
-    """Add every row of ``source`` to the trained ``faiss_index`` and tune its search knob.
-
-    ids: (n,) object, the ids ``source`` must yield, in order. queries: (nq, dim) float32,
-    the prepared vectors of the dataset rows ``query_rows`` (nq,) int64.
-
-    An index with a search knob gets the other rows first, in dataset order, while the
-    exact neighbours of the queries among them are computed; it is tuned on the queries,
-    which are then added last (see the module docstring). An exact index gets every row in
-    dataset order. Returns the dataset position of each index row, (n,) int64, and the
-    tuning (None for an exact index).
-    """
-    held_out = np.zeros(len(ids), dtype=bool)
-    truth = None
-    if search_knob(faiss_index) is not None:
-        held_out[query_rows] = True
-        truth = ExactTopK(queries, None, k=tune_k, metric=metric)
-    for start, x in prepared_blocks(source, dim=faiss_index.d, metric=metric, ids=ids):
-        kept = ~held_out[start : start + len(x)]
-        if not kept.all():
-            x = x[kept]
-        if truth is not None:
-            truth.add(faiss_index.ntotal, x)
-        faiss_index.add(x)
-        log.debug("added rows %d..%d", start, start + len(kept))
-    positions = np.flatnonzero(~held_out)
-    if truth is None:
-        return positions, None
-    tuning = tune_knob(faiss_index, queries, truth.rows(), k=tune_k, target=target_recall)
-    log.info("tuned %s=%d: recall@%d %.3f", tuning.knob, tuning.value, tune_k, tuning.recall)
-    faiss_index.add(queries)
-    # also the default of the bare FAISS file, for tools that read it without us
-    name = "nprobe" if tuning.knob is SearchKnob.NPROBE else "efSearch"
-    faiss.ParameterSpace().set_index_parameter(faiss_index, name, tuning.value)
-    return np.concatenate([positions, query_rows]), tuning
-
-
 def _over_budget(n: int, dim: int, budget: int, over: list[tuple[str, int]]) -> MemoryBudgetError:
     """The error for a build whose every plan, built, came out over ``budget`` bytes."""
     built = ", ".join(f"{factory} took {format_bytes(size)}" for factory, size in over)
@@ -352,6 +305,7 @@ class Index:
         seed: int = 0,
         meta: Mapping[str, Any] | None = None,
         embeddings_path: str | os.PathLike[str] | None = None,
+        shards: Sequence[Shard] | None = None,
     ) -> Index:
         """Build an index over ``data`` (see :func:`as_block_source` for what it may be).
 
@@ -371,6 +325,9 @@ class Index:
         meta: the embeddings' metadata; defaults to the ``meta`` of the first block.
         embeddings_path: the dataset ``data`` was read from, recorded (absolute) so that
             :func:`eval_embeddings` can stream it again later.
+        shards: ``data`` split into parts that Ray tasks read and add on their own (see
+            :mod:`~embedpipe.index.adding`); the scan and training stay here. None: the
+            add pass runs in this process.
         """
         metric = parse_metric(metric)
         budget = None if memory_budget is None else parse_memory_budget(memory_budget)
@@ -418,7 +375,9 @@ class Index:
                 faiss_index.train(training[:train_rows])
             training = None  # up to SAMPLE_BYTES: free it before the add pass
             timed("train")
-            positions, tuning = _add_and_tune(
+            if shards is not None:
+                check_mergeable(faiss_index, plan.factory)
+            positions, tuning = add_and_tune(
                 faiss_index,
                 source,
                 scan.ids,
@@ -427,6 +386,7 @@ class Index:
                 metric=metric,
                 tune_k=tune_k,
                 target_recall=target_recall,
+                shards=shards,
             )
             timed("add and tune")
             index_bytes = serialized_bytes(faiss_index)

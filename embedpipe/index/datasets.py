@@ -18,6 +18,7 @@ from ..errors import (
     IndexInputError,
     QueryImagesError,
 )
+from .adding import Shard
 from .blocks import BlockSource
 from .core import EvalReport, Index, SearchResults
 from .update import UpdateReport, update_index
@@ -41,6 +42,44 @@ def embedding_blocks(path: str | os.PathLike[str], columns: Columns | None = Non
     from ..tables import embedding_blocks as blocks
 
     return blocks(path, columns or Columns())
+
+
+def embedding_shards(path: str | os.PathLike[str], columns: Columns | None = None) -> list[Shard]:
+    """The embeddings at ``path`` as :class:`~embedpipe.index.adding.Shard` s, one per
+    Parquet part, for a build on Ray (``Index.build(..., shards=...)``)."""
+    from ..tables import Columns
+    from ..tables import embedding_shards as files
+
+    shards, start = [], 0
+    for source, rows in files(path, columns or Columns()):
+        shards.append(Shard(source, start, rows))
+        start += rows
+    return shards
+
+
+def build_embeddings(
+    path: str | os.PathLike[str],
+    *,
+    columns: Columns | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    **options: Any,
+) -> Index:
+    """:meth:`Index.build` over the embeddings at ``path``. With ``engine="ray"`` the add
+    pass runs in Ray tasks, one per Parquet part, on the cluster at ``ray_address`` (a
+    local one when None); scan and training stay in this process."""
+    if engine == "local":
+        return Index.build(embedding_blocks(path, columns), embeddings_path=path, **options)
+    from ..cluster import ray_session
+
+    shards = embedding_shards(path, columns)
+
+    def source():  # the parts in shard order, for the scan
+        for shard in shards:
+            yield from shard.source()
+
+    with ray_session(ray_address):
+        return Index.build(source, embeddings_path=path, shards=shards, **options)
 
 
 def search_embeddings(

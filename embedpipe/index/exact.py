@@ -60,6 +60,16 @@ class ExactTopK:
         )
         self._heap.add_result(distances, rows + start)
 
+    def partial(self) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k so far, (distances, rows), for another ``ExactTopK`` over the same
+        queries to take in with :meth:`add_partial` (Ray tasks each see some rows)."""
+        self._heap.finalize()
+        return self._heap.D.copy(), self._heap.I.copy()
+
+    def add_partial(self, distances: np.ndarray, rows: np.ndarray) -> None:
+        """Offer another top-k over other rows (:meth:`partial`'s result)."""
+        self._heap.add_result(distances, rows)
+
     def rows(self) -> np.ndarray:
         """(nq, k) int64 true neighbour rows, -1 where the database holds fewer."""
         self._heap.finalize()
