@@ -15,6 +15,11 @@ recall@k, measured against exact search for a seeded sample of rows, reaches
 so a report can say how approximate its neighbours are. Near duplicates, which sit in the
 same list as their original, are the pairs an IVF index finds first. Rows the probed lists
 could not fill with ``k`` neighbours are searched exactly.
+
+The index is not searched query by query: since every row is a query, the graph is
+computed list by list, each list's members against all the rows that probe it in one
+matrix product (BLAS), which gives what ``IndexIVFFlat.search`` gives at the same
+``nprobe`` several times faster (the tests hold it to FAISS's own search).
 """
 
 from __future__ import annotations
@@ -155,6 +160,49 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(f, t)) / truth.shape[1] for f, t in zip(found, truth)]))
 
 
+def _probes(quantizer, x: np.ndarray, rows: np.ndarray, nprobe: int, block_rows: int) -> np.ndarray:
+    """(len(rows), nprobe) int64: the lists nearest each of ``rows``, nearest first."""
+    out = np.empty((len(rows), nprobe), np.int64)
+    for start in range(0, len(rows), block_rows):
+        stop = min(start + block_rows, len(rows))
+        out[start:stop] = quantizer.search(x[rows[start:stop]], nprobe)[1]
+    return out
+
+
+def _join(x: np.ndarray, lists: tuple[np.ndarray, np.ndarray], queries: np.ndarray,
+          probes: np.ndarray, width: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """What an IVF index answers for ``queries`` (row numbers) probing ``probes`` (Q, p),
+    computed list by list with matrix products: every query that probes a list is
+    compared with the list's members in one BLAS call, instead of query by query.
+    ``lists``: (rows sorted by list, start of each list in them). Returns the ``width``
+    best (rows, similarities) per query, most similar first, -1 / -inf where fewer."""
+    members_by_list, bounds = lists
+    q, p = probes.shape
+    cand_rows = np.full((q, p, width), -1, np.int64)
+    cand_sims = np.full((q, p, width), -np.inf, np.float32)
+    flat = probes.ravel()
+    pairs_by_list = np.argsort(flat, kind="stable")  # (query, slot) pairs grouped by list
+    starts = np.searchsorted(flat[pairs_by_list], np.arange(len(bounds)))
+    for c in np.flatnonzero(np.diff(starts)):
+        members = members_by_list[bounds[c] : bounds[c + 1]]
+        if not len(members):
+            continue
+        base = x[members].T
+        m = min(width, len(members))
+        for s in range(starts[c], starts[c + 1], block_rows):
+            qi, slot = np.divmod(pairs_by_list[s : min(s + block_rows, starts[c + 1])], p)
+            sims = x[queries[qi]] @ base
+            top = (np.argpartition(-sims, m - 1, axis=1)[:, :m] if m < len(members)
+                   else np.broadcast_to(np.arange(m), (len(qi), m)))
+            cand_rows[qi, slot, :m] = members[top]
+            cand_sims[qi, slot, :m] = np.take_along_axis(sims, top, axis=1)
+    cand_rows, cand_sims = cand_rows.reshape(q, -1), cand_sims.reshape(q, -1)
+    top = np.argpartition(-cand_sims, width - 1, axis=1)[:, :width]
+    rows, sims = np.take_along_axis(cand_rows, top, 1), np.take_along_axis(cand_sims, top, 1)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    return np.take_along_axis(rows, order, 1), np.take_along_axis(sims, order, 1)
+
+
 def _ivf_graph(x: np.ndarray, k: int, target_recall: float, seed: int,
                block_rows: int) -> KnnGraph:
     import faiss
@@ -162,30 +210,36 @@ def _ivf_graph(x: np.ndarray, k: int, target_recall: float, seed: int,
     n, d = x.shape
     nlist = ivf_lists(n)
     rng = np.random.default_rng(seed)
-    train = x[np.sort(rng.choice(n, min(n, 50 * nlist), replace=False))]
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = seed
-    index.train(train)
-    index.add(x)
-    del train
+    kmeans = faiss.Kmeans(d, nlist, niter=10, seed=seed, spherical=True)
+    kmeans.train(x[np.sort(rng.choice(n, min(n, 50 * nlist), replace=False))])
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(kmeans.centroids)
+    everyone = np.arange(n)
+    nprobe = 8
+    probes = _probes(quantizer, x, everyone, min(nprobe, nlist), block_rows)
+    home = probes[:, 0]  # each row lives in its nearest list, as an IVF index stores it
+    by_list = np.argsort(home, kind="stable")
+    lists = (by_list, np.searchsorted(home[by_list], np.arange(nlist + 1)))
     sample = np.sort(rng.choice(n, min(n, RECALL_SAMPLE), replace=False))
     truth = _drop_self(*knn_search(x[sample], x, k + 1, normalized=True), k, sample)[0]
-    nprobe = 8
     while True:
-        index.nprobe = min(nprobe, nlist)
-        sims, found = index.search(x[sample], k + 1)
+        nprobe = min(nprobe, nlist)
+        sample_probes = _probes(quantizer, x, sample, nprobe, block_rows)
+        found, sims = _join(x, lists, sample, sample_probes, k + 1, block_rows)
         recall = _recall(_drop_self(found, sims, k, sample)[0], truth)
-        if recall >= target_recall or index.nprobe >= nlist // 4:
+        if recall >= target_recall or nprobe >= nlist // 4:
             break
         nprobe *= 2
-    found, sims = _search(index, x, k + 1, block_rows)
+    if probes.shape[1] != nprobe:
+        probes = _probes(quantizer, x, everyone, nprobe, block_rows)
+    found, sims = _join(x, lists, everyone, probes, k + 1, block_rows)
     neighbours, similarities = _drop_self(found, sims, k)
     # lists too short to fill k places leave -1: search those rows exactly
     short = np.flatnonzero((neighbours < 0).any(axis=1))
     if len(short):
         exact = knn_search(x[short], x, k + 1, normalized=True)
         neighbours[short], similarities[short] = _drop_self(*exact, k, short)
-    return KnnGraph(neighbours, similarities, f"IVF{nlist},Flat nprobe {index.nprobe}", recall)
+    return KnnGraph(neighbours, similarities, f"IVF{nlist},Flat nprobe {nprobe}", recall)
 
 
 def knn_graph(
