@@ -235,6 +235,33 @@ def measure(index: faiss.Index, q: np.ndarray, truth: np.ndarray, args: argparse
     return recall, len(q) / statistics.median(times)
 
 
+def load_benchmark(n: int, dim: int, repeats: int) -> None:
+    """Reading an embedpipe dataset of n x dim into one contiguous array (warm page cache):
+    median seconds of ``read_embeddings``, with and without the NaN/inf check."""
+    from embedpipe.store import DatasetWriter, embeddings_schema, embeddings_table, read_embeddings
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "emb"
+        with DatasetWriter(out, {"backbone": "synthetic", "dim": dim, "layer": "gap"}) as w:
+            for s in range(0, n, BLOCK_ROWS):
+                m = min(BLOCK_ROWS, n - s)
+                w.append(embeddings_table(
+                    ids=[f"{i:09d}" for i in range(s, s + m)], labels=[None] * m,
+                    vectors=rng.normal(size=(m, dim)).astype(np.float32), width=[1] * m, height=[1] * m,
+                    size=[1] * m, mtime_ns=[1] * m, content_hash=[None] * m, schema=embeddings_schema(dim)))
+        read_embeddings(out)  # warm the page cache
+        for validate in (True, False):
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                read_embeddings(out, validate=validate)
+                times.append(time.perf_counter() - t)
+            print(f"load {n:,} x {dim} ({format_bytes(n * dim * 4)}, {len(list(out.glob('part-*')))} parts) into "
+                  f"one array, warm, {'with' if validate else 'without'} the finite check: "
+                  f"{statistics.median(times):.2f} s (median of {repeats})")
+
+
 def print_table(rows: list[Row], k: int) -> None:
     header = (
         "case",
@@ -283,6 +310,8 @@ def main() -> None:
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--repeats", type=int, default=3, help="timed searches (median QPS)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--load-only", action="store_true",
+                        help="only time loading the first case's dataset into one array")
     parser.add_argument("--autofaiss-python", help="a Python with autofaiss installed: adds its rows")
     parser.add_argument("--autofaiss-budgets", nargs="+", default=["1GB"],
                         help="budgets autofaiss builds for (its 1M x 512 builds take long on 2 cores)")
@@ -301,6 +330,10 @@ def main() -> None:
         f"{faiss.omp_get_max_threads()} threads on {os.cpu_count()} cores, {args.queries} held-out "
         f"queries, target recall@{args.k} {args.target_recall}; budgets scaled by {args.scale:g}\n"
     )
+    n, dim = CASES[0]
+    load_benchmark(max(1000, int(n * args.scale)), dim, max(3, args.repeats))
+    if args.load_only:
+        return
     rows = []
     for n, dim in CASES:
         rows.extend(run_case(max(1000, int(n * args.scale)), dim, budgets, args))
