@@ -358,7 +358,8 @@ class _Runner:
     def dataset_root_of(self, index_step: str) -> str:
         """The image folder behind an index: its input extract step's dataset."""
         by_name = {s.name: s for s in self.p.steps}
-        extract_step = by_name[by_name[index_step].options["input"]]
+        # an input may name one stage of an extract step: "lite0/gap" is the step "lite0"
+        extract_step = by_name[by_name[index_step].options["input"].split("/")[0]]
         return str(self.dataset_path(extract_step.options["dataset"]))
 
 
