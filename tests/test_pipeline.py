@@ -178,3 +178,36 @@ inputs = ["stages/features.1", "stages/features.4"]
     p = load_pipeline(write(tmp_path, body))
     probe = [s for s in p.steps if s.name == "p"][0]
     assert probe.needs == ("stages",) and p.step_dir("stages/features.1") == p.out / "stages" / "features.1"
+
+
+@pytest.mark.slow
+def test_a_gallery_finds_the_images_behind_an_index_over_one_stage(image_folder, tmp_path):
+    """index input "e/gap" (one stage of an extract step): the gallery step must find
+    the extract step "e" and its image folder (the demo's shape)."""
+    body = f"""
+[pipeline]
+out = "o"
+[datasets.d]
+images = "{image_folder}"
+[[steps]]
+kind = "extract"
+name = "e"
+dataset = "d"
+backbone = "lenet5"
+weights = "none"
+workers = 1
+stages = ["features.1", "gap"]
+[[steps]]
+kind = "index"
+name = "idx"
+input = "e/gap"
+[[steps]]
+kind = "gallery"
+name = "g"
+index = "idx"
+queries = ["cats/000.jpg"]
+k = 2
+"""
+    run = run_pipeline(write(tmp_path, body))
+    assert states(run) == {"e": "done", "idx": "done", "g": "done"}
+    assert (tmp_path / "o" / "g" / "index.html").is_file()
