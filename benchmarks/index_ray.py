@@ -78,8 +78,9 @@ def main() -> None:
     import ray
 
     rng = np.random.default_rng(0)
-    x = clustered(args.rows, Clusters.draw(max(8, args.rows // 300), args.dim, rng), rng)
-    queries = clustered(1000, Clusters.draw(max(8, args.rows // 300), args.dim, np.random.default_rng(0)), rng)
+    clusters = Clusters.draw(max(8, args.rows // 300), args.dim, rng)
+    x = clustered(args.rows, clusters, rng)
+    queries = clustered(1000, clusters, rng)
     report: dict = {"rows": args.rows, "dim": args.dim, "index": args.index}
     with tempfile.TemporaryDirectory() as tmp:
         emb = write_dataset(Path(tmp) / "emb", x)

@@ -358,8 +358,8 @@ class _Runner:
     def dataset_root_of(self, index_step: str) -> str:
         """The image folder behind an index: its input extract step's dataset."""
         by_name = {s.name: s for s in self.p.steps}
-        # an input may name one stage of an extract step: "lite0/gap" is the step "lite0"
-        extract_step = by_name[by_name[index_step].options["input"].split("/")[0]]
+        # the step the index reads ("lite0" for the input "lite0/gap"), as parsing resolved it
+        extract_step = by_name[by_name[index_step].needs[0]]
         return str(self.dataset_path(extract_step.options["dataset"]))
 
 

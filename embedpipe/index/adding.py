@@ -69,14 +69,7 @@ def add_and_tune(
         held_out[query_rows] = True
         truth = ExactTopK(queries, None, k=tune_k, metric=metric)
     if shards is None:
-        for start, x in prepared_blocks(source, dim=faiss_index.d, metric=metric, ids=ids):
-            kept = ~held_out[start : start + len(x)]
-            if not kept.all():
-                x = x[kept]
-            if truth is not None:
-                truth.add(faiss_index.ntotal, x)
-            faiss_index.add(x)
-            log.debug("added rows %d..%d", start, start + len(kept))
+        _add_rows(faiss_index, source, ids, held_out, truth, metric=metric)
     else:
         _add_on_ray(faiss_index, shards, ids, held_out, truth, metric=metric,
                     queries=queries if truth is not None else None, k=tune_k)
@@ -90,6 +83,20 @@ def add_and_tune(
     name = "nprobe" if tuning.knob is SearchKnob.NPROBE else "efSearch"
     faiss.ParameterSpace().set_index_parameter(faiss_index, name, tuning.value)
     return np.concatenate([positions, query_rows]), tuning
+
+
+def _add_rows(index: faiss.Index, source: BlockSource, ids: np.ndarray, held_out: np.ndarray,
+              truth: ExactTopK | None, *, metric: Metric, offset: int = 0) -> None:
+    """Add the rows of ``source`` (which must yield ``ids``) that are not ``held_out`` to
+    ``index``, offering them to ``truth`` as index rows ``offset + index.ntotal``.."""
+    for start, x in prepared_blocks(source, dim=index.d, metric=metric, ids=ids):
+        kept = ~held_out[start : start + len(x)]
+        if not kept.all():
+            x = x[kept]
+        if truth is not None:
+            truth.add(offset + index.ntotal, x)
+        index.add(x)
+        log.debug("added rows %d..%d", start, start + len(kept))
 
 
 # --- Ray -----------------------------------------------------------------------------
@@ -110,16 +117,9 @@ def _add_shard(trained: np.ndarray, shard: Shard, ids: np.ndarray, held_out: np.
     """One Ray task: the shard's kept rows added to a copy of the trained index (index
     numbers from ``offset``), and their exact top-k for the queries. Returns the copy,
     serialised, and the top-k (distances, rows), or None without queries."""
-    index = faiss.deserialize_index(trained)
+    index = faiss.deserialize_index(trained)  # empty: its rows count from ``offset``
     truth = None if queries is None else ExactTopK(queries, None, k=k, metric=metric)
-    at = offset
-    for start, x in prepared_blocks(shard.source, dim=index.d, metric=metric, ids=ids):
-        kept = ~held_out[start : start + len(x)]
-        x = x[kept] if not kept.all() else x
-        if truth is not None:
-            truth.add(at, x)
-        index.add(x)
-        at += len(x)
+    _add_rows(index, shard.source, ids, held_out, truth, metric=metric, offset=offset)
     return faiss.serialize_index(index), None if truth is None else truth.partial()
 
 
