@@ -24,6 +24,7 @@ from embedpipe.errors import MetadataMismatchError, OutputLockedError, StoreErro
 from embedpipe.store import (
     ERRORS_SCHEMA,
     META_KEY,
+    READ_BATCH_ROWS,
     DatasetWriter,
     dataset_info,
     embeddings_table,
@@ -236,6 +237,34 @@ def test_nan_rows_are_refused_naming_the_file(tmp_path):
     _rewrite_part(part, poison)
     with pytest.raises(StoreError, match=f"{part.name}.*NaN or inf.*img/0002.jpg"):
         read_embeddings(out)
+
+
+@pytest.mark.parametrize("read", [read_embeddings, lambda out: list(iter_embedding_blocks(out))])
+def test_a_part_read_in_batches_keeps_every_row_and_checks_each_batch(tmp_path, read):
+    # a part of more rows than one read batch: values near float32's limit make a batch
+    # sum overflow with every value finite (not an error), and a NaN deep in a later
+    # batch is still found and named
+    n = READ_BATCH_ROWS * 2 + 17
+    out = tmp_path / "emb"
+    expected = write(out, [(0, n)], part_rows=n)
+    assert len(list_parts(out)) == 1
+    huge = expected.copy()
+    huge[:5] = 3e38
+    part = list_parts(out)[0]
+
+    def with_vectors(v):
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), DIM)
+        return lambda t: t.set_column(2, pa.field("embedding", emb.type), emb)
+
+    _rewrite_part(part, with_vectors(huge))
+    got = read_embeddings(out)
+    np.testing.assert_array_equal(got.vectors, huge)
+    assert got.ids.tolist() == [f"img/{i:04d}.jpg" for i in range(n)]
+    poisoned = huge.copy()
+    poisoned[READ_BATCH_ROWS + 100, 1] = np.inf
+    _rewrite_part(part, with_vectors(poisoned))
+    with pytest.raises(StoreError, match=f"1 rows with NaN or inf.*img/{READ_BATCH_ROWS + 100:04d}.jpg"):
+        read(out)
 
 
 def test_duplicate_ids_across_parts_are_refused(tmp_path):
