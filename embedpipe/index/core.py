@@ -1,7 +1,8 @@
 """The Index: build, save, open, search and evaluate; index directories.
 
 Tuning on held-out queries. A build tunes nprobe / efSearch on up to ``TUNE_QUERIES``
-sample rows, and these must look to the index like the new queries it will serve, yet
+sample rows (``GRAPH_TUNE_QUERIES`` for an HNSW graph, whose recall on 1,000 ran ahead of
+fresh queries' by up to 0.02: see :mod:`embedpipe.index.plan`), and these must look to the index like the new queries it will serve, yet
 every row of the embeddings must end up in it. So the tuning rows are kept out of the
 training sample (they do not shape the k-means centroids or codebooks), and out of the
 index until it is tuned: the add pass adds every other row, in the embeddings' order,
@@ -61,6 +62,7 @@ from .blocks import (
 from .exact import ExactTopK, query_recalls
 from .faiss_ops import create, search_knob, search_parameters, search_rows, serialized_bytes
 from .plan import (
+    GRAPH_TUNE_QUERIES,
     TUNE_QUERIES,
     IndexKind,
     Metric,
@@ -69,6 +71,7 @@ from .plan import (
     parse_memory_budget,
     parse_metric,
     plan_candidates,
+    tune_queries,
 )
 from .tuning import Tuning
 
@@ -319,8 +322,9 @@ class Index:
             smallest size reached when none does. The build also holds a sample of at most
             ``SAMPLE_BYTES``, and at its peak the largest index it built.
         target_recall: recall@``tune_k`` that the stored default nprobe / efSearch reaches
-            on up to ``TUNE_QUERIES`` sample rows held out of training and, until tuning
-            is done, of the index (see the module docstring).
+            on up to ``TUNE_QUERIES`` sample rows (``GRAPH_TUNE_QUERIES`` for a graph)
+            held out of training and, until tuning is done, of the index (see the module
+            docstring).
         seed: drives the row sample and the k-means initialisation.
         meta: the embeddings' metadata; defaults to the ``meta`` of the first block.
         embeddings_path: the dataset ``data`` was read from, recorded (absolute) so that
@@ -352,13 +356,14 @@ class Index:
                 f"{dim} columns; the dataset is inconsistent, re-extract it"
             )
         # the sample is in random order: its first rows are the tuning queries, held out
-        # of training and of the index until it is tuned (see the module docstring)
-        n_queries = min(TUNE_QUERIES, max(1, n // 10), len(sample_rows))
-        queries, query_rows = sample[:n_queries].copy(), sample_rows[:n_queries].copy()
+        # of training and of the index until it is tuned (see the module docstring); as
+        # many as a graph tunes on are kept out of training, whatever the plan
+        pool = min(GRAPH_TUNE_QUERIES, max(1, n // 10), len(sample_rows))
+        pool_queries, pool_rows = sample[:pool].copy(), sample_rows[:pool].copy()
         candidates = plan_candidates(
-            n, dim, index=index, memory_budget=budget, train_rows=len(sample) - n_queries
+            n, dim, index=index, memory_budget=budget, train_rows=len(sample) - pool
         )
-        training: np.ndarray | None = sample[n_queries:]
+        training: np.ndarray | None = sample[pool:]
         del sample, sample_rows  # ``training`` keeps them alive until the add pass
         timed("scan")
 
@@ -369,7 +374,7 @@ class Index:
             train_rows = 0
             if not faiss_index.is_trained:
                 if training is None:  # freed for an earlier add pass: sample again
-                    training = scan_blocks(source, metric=metric, seed=seed)[1][n_queries:]
+                    training = scan_blocks(source, metric=metric, seed=seed)[1][pool:]
                 train_rows = min(plan.train_rows, len(training))
                 log.info("training %s on %d sampled vectors", plan.factory, train_rows)
                 faiss_index.train(training[:train_rows])
@@ -377,12 +382,14 @@ class Index:
             timed("train")
             if shards is not None:
                 check_mergeable(faiss_index, plan.factory)
+            knob = search_knob(faiss_index)
+            n_queries = min(tune_queries(None if knob is None else knob[0]), pool)
             positions, tuning = add_and_tune(
                 faiss_index,
                 source,
                 scan.ids,
-                queries,
-                query_rows,
+                pool_queries[:n_queries],
+                pool_rows[:n_queries],
                 metric=metric,
                 tune_k=tune_k,
                 target_recall=target_recall,

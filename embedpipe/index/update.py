@@ -22,7 +22,7 @@ the added rows in the embeddings' order (``position`` maps each to the embedding
 after a build).
 
 Recall is measured as a build measures it, on queries held out of the index: up to
-``TUNE_QUERIES`` of the added rows are added last, after their exact neighbours among the
+``TUNE_QUERIES`` (``GRAPH_TUNE_QUERIES`` for a graph) of the added rows are added last, after their exact neighbours among the
 other rows have been found and the index searched at its tuned setting (at most half the
 added rows, so that the others are among what the queries should find). With fewer than
 ``2 * MIN_HELD_OUT`` added rows it falls back to :meth:`Index.eval`'s indexed queries
@@ -48,7 +48,7 @@ from .blocks import IndexData, as_block_source, fingerprints, prepare, prepared_
 from .core import Index
 from .exact import ExactTopK, query_recalls
 from .faiss_ops import search_parameters, search_rows, serialized_bytes
-from .plan import TUNE_QUERIES, format_bytes
+from .plan import TUNE_QUERIES, format_bytes, tune_queries
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def update_index(
     adds, vectors = diff.add_positions, diff.add_vectors
 
     info, tuning = index.info, index.info.tuning
-    n_queries = min(TUNE_QUERIES, len(adds) // 2)
+    n_queries = min(TUNE_QUERIES if tuning is None else tune_queries(tuning.knob), len(adds) // 2)
     held_out = tuning is not None and n_queries >= MIN_HELD_OUT
     if held_out:
         rng = np.random.default_rng(seed)
@@ -346,7 +346,7 @@ def update_index(
     updated = Index(faiss_index, diff.ids[new_positions], diff.labels[new_positions],
                     new_positions, new_info, diff.prints[new_positions])
     if tuning is not None and not held_out:
-        n_queries = min(TUNE_QUERIES, len(updated))
+        n_queries = min(tune_queries(tuning.knob), len(updated))
         recall = updated.eval(source, n_queries=n_queries, k=tuning.k, seed=seed, repeats=1).recall
     report = UpdateReport(
         added=len(adds) - diff.replaced,
