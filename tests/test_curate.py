@@ -265,8 +265,10 @@ def test_dedup_command_writes_files_and_a_readable_keep_list(tmp_path):
 
     ids, x, pairs = planted(seed=8, n_distinct=20, n_copies=4)
     images = tmp_path / "images"
+    original = {copy: first for first, copy in pairs}  # a near copy shows its original's picture
     for i, image_id in enumerate(ids):
-        make_image(images / image_id, size=(40, 30), seed=i, fmt="JPEG")
+        seed = list(ids).index(original[image_id]) if image_id in original else i
+        make_image(images / image_id, size=(40, 30), seed=seed, fmt="JPEG")
     shutil.copy(images / ids[0], images / "copy_of_0.jpg")  # an exact duplicate file
     ids = np.append(ids, "copy_of_0.jpg")
     x = np.vstack([x, x[:1] * 0.5 + np.float32(0.3)])  # vectors differ; the hash joins them
@@ -316,8 +318,261 @@ def test_dedup_across_refuses_another_space(tmp_path):
 def test_cli_defaults_match_the_library():
     from embedpipe.cli import curate as cli
     from embedpipe.curate import dedup as lib
+    from embedpipe.curate import hashes
 
     assert (cli.DEFAULT_THRESHOLD, cli.DEFAULT_K) == (lib.DEFAULT_THRESHOLD, lib.DEFAULT_K)
+    assert (cli.DEFAULT_HASH_DISTANCE, cli.DEFAULT_HASH_VETO) == (
+        hashes.DEFAULT_HASH_DISTANCE, hashes.DEFAULT_HASH_VETO)
+
+
+# --- perceptual hashes ---------------------------------------------------------------
+
+
+def brute_hamming(values: np.ndarray) -> np.ndarray:
+    """(n, n) bits that differ between every two 64-bit values, by unpacking the bits."""
+    bits = np.unpackbits(np.asarray(values, np.uint64).view(np.uint8)).reshape(len(values), 64)
+    return (bits[:, None, :] != bits[None, :, :]).sum(axis=2)
+
+
+def random_hashes(n: int, seed: int, near: int = 0) -> np.ndarray:
+    """n random 64-bit values; the last ``near`` are earlier ones with 0..9 bits flipped."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 2**64, n, dtype=np.uint64)
+    for i in range(n - near, n):
+        flips = rng.choice(64, rng.integers(0, 10), replace=False)
+        values[i] = values[rng.integers(0, n - near)] ^ np.uint64(sum(1 << int(b) for b in flips))
+    return values
+
+
+@pytest.mark.parametrize("distance,block", [(0, 1000), (6, 37), (12, 64), (20, 500)])
+def test_hash_pairs_equal_brute_force(distance, block):
+    from embedpipe.curate.hashes import hamming, hash_pairs
+
+    values = random_hashes(300, seed=distance, near=60)
+    values[5] = values[7]  # a repeated value is a pair at distance 0
+    ref = brute_hamming(values)
+    i, j = np.nonzero(np.triu(ref <= distance, 1))
+    a, b, d = hash_pairs(values, distance, k=len(values), block_rows=block)
+    assert set(zip(a.tolist(), b.tolist())) == set(zip(i.tolist(), j.tolist())) and len(a) == len(i)
+    assert (a < b).all() and (d == ref[a, b]).all()
+    np.testing.assert_array_equal(hamming(values[a], values[b]), d)
+
+
+def test_hash_pairs_keep_each_rows_k_nearest():
+    from embedpipe.curate.hashes import hash_pairs
+
+    values = random_hashes(200, seed=1, near=120)
+    ref = brute_hamming(values)
+    np.fill_diagonal(ref, 99)
+    a, b, _ = hash_pairs(values, 12, k=2, block_rows=50)
+    found = set(zip(a.tolist(), b.tolist()))
+    nearest = {}
+    for row in range(len(values)):
+        within = np.flatnonzero(ref[row] <= 12)
+        nearest[row] = set(within[np.lexsort((within, ref[row, within]))][:2].tolist())  # ties by row
+    expected = {(min(r, o), max(r, o)) for r, near in nearest.items() for o in near}
+    assert found == expected and len(found) > 100
+
+
+@pytest.fixture(scope="module")
+def photo_copies(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    """Real photos (scikit-image, scikit-learn) with a half-size, a JPEG-30 and a 98%
+    crop copy each: (folder, {photo: [its 4 file names]})."""
+    from conftest import require
+    from PIL import Image
+
+    require("skimage", "real photos")
+    from embedpipe.images.samples import photo_folder
+
+    root = tmp_path_factory.mktemp("photo-copies")
+    images = root / "images"
+    images.mkdir()
+    copies = {}
+    for p in sorted(photo_folder(root / "photos").glob("*.jpg")):
+        img = Image.open(p).convert("RGB")
+        w, h = img.size
+        img.save(images / f"{p.stem}.jpg", quality=92)
+        img.resize((w // 2, h // 2), Image.Resampling.BICUBIC).save(images / f"{p.stem}_half.jpg", quality=92)
+        img.save(images / f"{p.stem}_q30.jpg", quality=30)
+        img.crop((w // 100, h // 100, w - w // 100, h - h // 100)).save(images / f"{p.stem}_crop.jpg", quality=92)
+        copies[p.stem] = [f"{p.stem}{v}.jpg" for v in ("", "_half", "_q30", "_crop")]
+    return images, copies
+
+
+def groups_of(table: pd.DataFrame) -> set[tuple[str, ...]]:
+    return {tuple(sorted(g["id"])) for _, g in table[table["group_size"] > 1].groupby("group")}
+
+
+def test_copies_of_real_photos_group_by_hash_where_cosine_would_not(tmp_path, photo_copies):
+    """Half-size, JPEG-30 and slightly cropped copies join their original through the
+    hashes alone (their vectors are unrelated: cosine would group nothing); distinct photos
+    stay apart even where their vectors are identical (the hash vetoes the cosine)."""
+    import json
+
+    from click.testing import CliRunner
+    from conftest import require
+
+    from embedpipe.cli import main
+
+    require("imagehash", "perceptual hashes")
+    images, copies = photo_copies
+    ids = sorted(f.name for f in images.iterdir())
+    x = np.random.default_rng(15).normal(size=(len(ids), 64))  # cosine about 0 between all
+    photos = sorted(copies)
+    x[ids.index(f"{photos[1]}.jpg")] = x[ids.index(f"{photos[0]}.jpg")]  # look-alikes to the embedding
+    emb = write_dataset(tmp_path / "emb", ids, x, images=images)
+    r = CliRunner().invoke(main, ["dedup", str(emb), "--out", str(tmp_path / "dups")])
+    assert r.exit_code == 0, r.output
+    dup = pd.read_parquet(tmp_path / "dups" / "duplicates.parquet")
+    assert groups_of(dup) == {tuple(sorted(v)) for v in copies.values()}
+    members = dup[dup["id"] != dup["representative"]]
+    assert (members["similarity_to_representative"] < 0.5).all()  # cosine alone would not group them
+    assert members["hash_distance_to_representative"].between(0, 8).all()
+    summary = json.loads((tmp_path / "dups" / "summary.json").read_text())
+    assert (summary["hashed"], summary["unreadable"], summary["hash_distance"]) == (len(ids), 0, 8)
+    assert summary["vetoed_links"] == 1 and "perceptual hashes: 32 images" in r.output
+    page = (tmp_path / "dups" / "index.html").read_text()
+    assert " · hash " in page and "Perceptual hashes (pHash, 64 bits) of 32 images" in page
+
+    # the same without hashes: the two look-alikes group, no copy does
+    r = CliRunner().invoke(main, ["dedup", str(emb), "--out", str(tmp_path / "nohash"), "--no-hash"])
+    assert r.exit_code == 0, r.output
+    assert groups_of(pd.read_parquet(tmp_path / "nohash" / "duplicates.parquet")) == {
+        (f"{photos[0]}.jpg", f"{photos[1]}.jpg")}
+    assert "perceptual hashes unavailable: switched off (--no-hash)" in r.output
+    assert not (tmp_path / "nohash" / "hashes.parquet").exists()
+
+
+def test_unreadable_images_get_no_hash_and_are_counted(tmp_path, photo_copies):
+    from conftest import require
+
+    from embedpipe.curate.run import dedup_dataset
+
+    require("imagehash", "perceptual hashes")
+    images, copies = photo_copies
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = copies["astronaut"] + copies["coffee"][:2]
+    for name in names:
+        (folder / name).write_bytes((images / name).read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg after all")
+    whole = (images / copies["china"][0]).read_bytes()
+    (folder / "cut.jpg").write_bytes(whole[: len(whole) // 3])
+    ids = [*names, "broken.jpg", "cut.jpg", "missing.jpg"]
+    x = np.random.default_rng(16).normal(size=(len(ids), 16))
+    emb = write_dataset(tmp_path / "emb", ids, x, images=folder)
+    summary, files = dedup_dataset(emb, tmp_path / "out")
+    assert (summary["hashed"], summary["unreadable"]) == (6, 3)
+    table = pd.read_parquet(files["hashes"]).set_index("id")
+    assert table.loc["broken.jpg", "error"].startswith("not_an_image")
+    assert table.loc["cut.jpg", "error"].startswith("truncated")
+    assert table.loc["missing.jpg", "error"].startswith("not_found")
+    assert table["phash"].isna().sum() == 3
+    dup = pd.read_parquet(files["duplicates"])
+    assert groups_of(dup) == {tuple(sorted(copies["astronaut"])), tuple(sorted(copies["coffee"][:2]))}
+
+
+def test_hashes_are_reused_and_a_killed_run_keeps_what_it_finished(tmp_path, photo_copies, monkeypatch):
+    """hashes.parquet is saved every few images: a run stopped halfway keeps them, the next
+    run hashes only the rest, and a run with nothing new starts no worker at all; a file
+    that changes is hashed again."""
+    import os
+
+    from conftest import require
+
+    from embedpipe.curate import hashes
+
+    require("imagehash", "perceptual hashes")
+    images, _ = photo_copies
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = sorted(f.name for f in images.iterdir())[:12]
+    for name in names:
+        (folder / name).write_bytes((images / name).read_bytes())
+    paths = {n: str(folder / n) for n in names}
+    file = tmp_path / "out" / "hashes.parquet"
+
+    class Killed(Exception):
+        pass
+
+    class StopsAfterFive(hashes.DecodePool):
+        def imap(self, records):
+            for n, item in enumerate(super().imap(records)):
+                if n == 5:
+                    raise Killed
+                yield item
+
+    monkeypatch.setattr(hashes, "DecodePool", StopsAfterFive)
+    with pytest.raises(Killed):
+        hashes.hash_images(names, paths, file, save_every=2)
+    assert len(pd.read_parquet(file)) == 4  # saved after 2 and 4 images
+    monkeypatch.undo()
+    first = hashes.hash_images(names, paths, file)
+    assert first.reused == 4 and first.known.all()
+
+    class NoPool:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("nothing should be hashed again")
+
+    monkeypatch.setattr(hashes, "DecodePool", NoPool)
+    again = hashes.hash_images(names, paths, file)
+    assert again.reused == len(names)
+    np.testing.assert_array_equal(again.values, first.values)
+    monkeypatch.undo()
+
+    # a file touched (new mtime) or changed (another picture under its name) is hashed again
+    os.utime(folder / names[1], ns=(1, 1))
+    assert hashes.hash_images(names, paths, file).reused == len(names) - 1
+    (folder / names[0]).write_bytes((images / names[-1]).read_bytes())
+    third = hashes.hash_images(names, paths, file)
+    assert third.reused == len(names) - 1
+    assert third.values[0] == first.values[-1] != first.values[0]
+
+
+def test_no_hashes_when_the_images_are_not_reachable(tmp_path, monkeypatch):
+    import sys
+
+    from embedpipe.curate.run import dedup_dataset
+
+    x = np.random.default_rng(17).normal(size=(6, 8))
+    x[5] = x[0]
+    emb = write_dataset(tmp_path / "emb", [f"i{n}.jpg" for n in range(6)], x)
+    summary, files = dedup_dataset(emb, tmp_path / "out")
+    assert summary["perceptual_hash"] == (
+        "unavailable: images not reachable: the embeddings record no image folder")
+    assert "hashes" not in files and not (tmp_path / "out" / "hashes.parquet").exists()
+    assert summary["drop"] == 1  # cosine alone still finds the copy
+    dup = pd.read_parquet(files["duplicates"])
+    assert (dup["hash_distance_to_representative"] == -1).all()
+    assert "cosine similarity alone" in files["html"].read_text()
+
+    gone = write_dataset(tmp_path / "gone", [f"i{n}.jpg" for n in range(6)], x, images=tmp_path / "nowhere")
+    summary, _ = dedup_dataset(gone, tmp_path / "out2")
+    assert "images not reachable" in summary["perceptual_hash"] and "nowhere" in summary["perceptual_hash"]
+
+    monkeypatch.setitem(sys.modules, "imagehash", None)
+    (tmp_path / "pics").mkdir()
+    here = write_dataset(tmp_path / "here", [f"i{n}.jpg" for n in range(6)], x, images=tmp_path / "pics")
+    summary, _ = dedup_dataset(here, tmp_path / "out3")
+    assert summary["perceptual_hash"] == 'unavailable: imagehash is not installed: pip install "embedpipe[curate]"'
+
+
+def test_groups_with_hashes_stable_under_row_order():
+    from embedpipe.curate.hashes import PerceptualHashes
+
+    ids, x, _ = planted(seed=18)
+    values = random_hashes(len(ids), seed=18, near=20)
+    known = np.ones(len(ids), bool)
+    known[[3, 40]] = False
+    h = PerceptualHashes(values, known)
+    first = dedup(ids, x, perceptual_hashes=h, threshold=0.95).table.set_index("id").sort_index()
+    assert first["hash_distance_to_representative"].eq(-1).sum() >= 2
+    assert (first["group_size"] > 1).sum() > 30  # hashes and vectors both link rows
+    perm = np.random.default_rng(19).permutation(len(ids))
+    h2 = PerceptualHashes(values[perm], known[perm])
+    second = dedup(ids[perm], x[perm], perceptual_hashes=h2, threshold=0.95).table.set_index("id").sort_index()
+    cols = ["group", "group_size", "representative", "hash_distance_to_representative"]
+    pd.testing.assert_frame_equal(first[cols], second[cols])
 
 
 # --- audit: label errors and outliers ------------------------------------------------
@@ -454,7 +709,7 @@ def test_keep_list_follows_a_manifest_source(tmp_path):
     from embedpipe.images.sources import read_manifest
 
     for n in range(4):
-        make_image(tmp_path / "pics" / f"file{n}.png", seed=n)
+        make_image(tmp_path / "pics" / f"file{n}.png", seed=n % 3)  # file3 is file0's picture
     pd.DataFrame({"path": [f"pics/file{n}.png" for n in range(4)],
                   "id": [f"x{n}" for n in range(4)]}).to_csv(tmp_path / "m.csv", index=False)
     x = np.random.default_rng(14).normal(size=(4, 8))

@@ -16,6 +16,8 @@ from .app import main
 
 DEFAULT_THRESHOLD = 0.85
 DEFAULT_K = 10
+DEFAULT_HASH_DISTANCE = 8
+DEFAULT_HASH_VETO = 20
 AUDIT_K = 10
 AUDIT_FOLDS = 5
 
@@ -23,7 +25,8 @@ AUDIT_FOLDS = 5
 @main.command(short_help="Find exact and near-duplicate images (and train/test leakage).")
 @click.argument("embeddings", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Folder for duplicates.parquet, keep.csv, index.html, summary.json.")
+              help="Folder for duplicates.parquet, keep.csv, index.html, summary.json "
+              "(and hashes.parquet, the images' perceptual hashes).")
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=DEFAULT_THRESHOLD,
               help="Cosine similarity from which two images are near duplicates; read the "
               "histogram on index.html to place it.")
@@ -35,18 +38,37 @@ AUDIT_FOLDS = 5
 @click.option("--across", type=click.Path(exists=True, path_type=Path),
               help="Another embeddings dataset (e.g. train): also list images of EMBEDDINGS "
               "that have a near copy there, in leakage.parquet.")
+@click.option("--hash-distance", type=click.IntRange(0, 64), default=DEFAULT_HASH_DISTANCE,
+              help="Images whose perceptual hashes (64-bit pHash) differ in at most this many "
+              "bits are near duplicates, whatever their cosine.")
+@click.option("--hash-veto", type=click.IntRange(0, 64), default=DEFAULT_HASH_VETO,
+              help="Images whose hashes differ in more than this many bits are not near "
+              "duplicates, whatever their cosine (crops of one scene, bursts); 64 switches "
+              "the veto off.")
+@click.option("--no-hash", "no_hash", is_flag=True,
+              help="Compare embeddings only: do not read the images to hash them.")
 @friendly_errors
 def dedup(embeddings: Path, out: Path, threshold: float, group_threshold: float | None, k: int,
-          across: Path | None) -> None:
-    """Group the exact (same content hash) and near (cosine >= --threshold) duplicates of
-    EMBEDDINGS and write a keep-list manifest with one image per group."""
+          across: Path | None, hash_distance: int, hash_veto: int, no_hash: bool) -> None:
+    """Group the exact (same content hash) and near (cosine >= --threshold, or perceptual
+    hashes within --hash-distance) duplicates of EMBEDDINGS and write a keep-list manifest
+    with one image per group. The images' hashes are kept in OUT/hashes.parquet and reused
+    by the next run."""
     from ..curate.run import dedup_dataset
 
     s, files = dedup_dataset(embeddings, out, threshold=threshold,
-                             group_threshold=group_threshold, k=k, across=across)
+                             group_threshold=group_threshold, k=k, across=across,
+                             hashes=not no_hash, hash_distance=hash_distance, hash_veto=hash_veto)
     click.echo(f"{s['rows']:,} images: {s['duplicate_groups']:,} duplicate groups "
                f"(largest {s['largest_group']}), {s['exact_duplicates']:,} exact duplicates; "
                f"keep {s['keep']:,}, drop {s['drop']:,}")
+    if s["perceptual_hash"].startswith("unavailable"):
+        click.echo(f"perceptual hashes {s['perceptual_hash']}: near duplicates by cosine alone")
+    else:
+        click.echo(f"perceptual hashes: {s['hashed']:,} images ({s['hashes_reused']:,} reused, "
+                   f"{s['unreadable']:,} unreadable) -> {files['hashes']}; {s['hash_links']:,} "
+                   f"links within {hash_distance} bits, {s['vetoed_links']:,} cosine pairs "
+                   f"refused (> {hash_veto} bits)")
     if across is not None:
         click.echo(f"leakage: {s['leaked']:,} images of {embeddings} have a near copy in {across} "
                    f"(cosine >= {threshold}) -> {files['leakage']}")

@@ -21,10 +21,21 @@ representative (but linked through a closer copy) in its group.
 whatever the row order, and the same choice on every run. It is the row the keep-list
 keeps.
 
+**Perceptual hashes.** With each row's pHash (:mod:`embedpipe.curate.hashes`), two rows
+are also near duplicates when their hashes differ in at most ``hash_distance`` bits,
+whatever their cosine (a half-size copy of a small crop can fall to cosine 0.39), and a
+pair whose hashes differ in more than ``hash_veto`` bits is *not* one, whatever its
+cosine: pooled classifier features find crops of one scene, bursts and look-alikes
+similar, the hash sees that their layouts differ. Without a hash (unreadable images, no
+hashes given) a row is judged by cosine alone. The representative check applies the same
+rule: a member stays when its hash is within ``hash_distance`` of the representative's,
+or its cosine reaches ``group_threshold`` and the hashes are within ``hash_veto``.
+
 ``k`` bounds how many near copies of one row are found: a row with more than ``k``
 copies still joins them all through the copies' own edges, but a group of more than
 ``k + 1`` identical rows may miss edges. The default (10) is far above what photo
-collections hold; raise it for data with many copies of one image.
+collections hold; raise it for data with many copies of one image. Rows with identical
+hashes are always linked.
 """
 
 from __future__ import annotations
@@ -39,6 +50,14 @@ import pandas as pd
 from ..config import DUPLICATE_SIMILARITY
 from ..errors import CurationInputError
 from ..neighbours import knn_graph, knn_search, l2_normalize
+from .hashes import (
+    DEFAULT_HASH_DISTANCE,
+    DEFAULT_HASH_VETO,
+    HASH_BITS,
+    PerceptualHashes,
+    hamming,
+    hash_pairs,
+)
 
 #: the near-duplicate threshold (measured: see embedpipe.config.DUPLICATE_SIMILARITY)
 DEFAULT_THRESHOLD = DUPLICATE_SIMILARITY
@@ -48,7 +67,29 @@ DEFAULT_K = 10
 
 #: the columns of :attr:`DedupResult.table`
 COLUMNS = ("id", "group", "group_size", "representative", "similarity_to_representative",
-           "exact_duplicate")
+           "hash_distance_to_representative", "exact_duplicate")
+
+
+@dataclasses.dataclass(frozen=True)
+class HashStep:
+    """What the perceptual hashes did: ``hashed`` rows had one, ``unreadable`` did not;
+    ``links`` pairs the hashes joined, ``vetoed`` cosine pairs they refused.
+    ``unavailable`` says why no hash was used (then every count is 0)."""
+
+    distance: int
+    veto: int
+    hashed: int = 0
+    unreadable: int = 0
+    links: int = 0
+    vetoed: int = 0
+    unavailable: str | None = None
+
+    def summary(self) -> dict:
+        if self.unavailable is not None:
+            return {"perceptual_hash": f"unavailable: {self.unavailable}"}
+        return {"perceptual_hash": "pHash (imagehash, 64 bits)", "hash_distance": self.distance,
+                "hash_veto": self.veto, "hashed": self.hashed, "unreadable": self.unreadable,
+                "hash_links": self.links, "vetoed_links": self.vetoed}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +98,10 @@ class DedupResult:
 
     ``table``: one row per input row, columns :data:`COLUMNS` (``group`` int64 numbered
     by representative in sorted order, ``similarity_to_representative`` float32, 1.0 for
-    the representative, ``exact_duplicate`` bool: the row's content hash equals another
-    row's in its group). ``nn_similarity``: (N,) float32, each row's similarity to its
-    nearest other row, in input order: the histogram that tells where a threshold falls.
+    the representative, ``hash_distance_to_representative`` int16 bits, -1 where either
+    has no hash, ``exact_duplicate`` bool: the row's content hash equals another row's in
+    its group). ``nn_similarity``: (N,) float32, each row's similarity to its nearest
+    other row, in input order: the histogram that tells where a threshold falls.
     """
 
     table: pd.DataFrame
@@ -67,6 +109,7 @@ class DedupResult:
     threshold: float
     group_threshold: float
     k: int
+    hashes: HashStep
     neighbours: str = "exact"
 
     @property
@@ -96,6 +139,7 @@ class DedupResult:
             "group_threshold": self.group_threshold,
             "k": self.k,
             "neighbours": self.neighbours,
+            **self.hashes.summary(),
         }
 
 
@@ -114,6 +158,12 @@ def _check_threshold(name: str, value: float) -> float:
     return float(value)
 
 
+def _check_bits(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= HASH_BITS:
+        raise CurationInputError(f"{name} must be a number of bits in 0..{HASH_BITS}, got {value!r}")
+    return int(value)
+
+
 def _components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """(n,) int component label of each node of the undirected graph given by edges."""
     from scipy.sparse import coo_matrix
@@ -123,33 +173,76 @@ def _components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def _split_chains(members: np.ndarray, ids: np.ndarray, x: np.ndarray, edges: set | None,
-                  group_threshold: float, exact: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """Who may stay in a representative's group: ``x`` (N, D) normalised vectors,
+    ``exact`` (N,) content-hash codes, ``phash`` (N,) the perceptual hashes."""
+
+    x: np.ndarray
+    exact: np.ndarray
+    phash: PerceptualHashes
+    group_threshold: float
+    hash_distance: int
+    hash_veto: int
+
+    def bits(self, rep: int, rows: np.ndarray) -> np.ndarray:
+        """(len(rows),) int16: hash bits each row differs from ``rep`` in, -1 if unknown."""
+        h = self.phash
+        d = hamming(h.values[rows], h.values[rep]).astype(np.int16)
+        return np.where(h.known[rows] & h.known[rep], d, np.int16(-1))
+
+    def stays(self, rep: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ok (len(rows),) bool, cosine to ``rep`` float32) for ``rows``."""
+        sim = self.x[rows] @ self.x[rep]
+        bits = self.bits(rep, rows)
+        ok = ((sim >= self.group_threshold) & (bits <= self.hash_veto)) | (
+            (bits >= 0) & (bits <= self.hash_distance)) | (self.exact[rows] == self.exact[rep])
+        return ok, sim
+
+
+def _split_chains(members: np.ndarray, ids: np.ndarray, edges: set,
+                  rule: _Rule) -> list[tuple[np.ndarray, np.ndarray]]:
     """``members`` (row numbers of one component) -> [(rows, similarity to their
-    representative)] groups whose members all reach ``group_threshold`` (or share the
-    representative's content hash)."""
+    representative)] groups whose members all pass ``rule`` against the representative
+    (the first id in sorted order)."""
     out = []
     todo = members
     while len(todo):
         order = todo[np.argsort(ids[todo], kind="stable")]
         rep = order[0]
-        sim = x[order] @ x[rep]
-        ok = (sim >= group_threshold) | (exact[order] == exact[rep])
+        ok, sim = rule.stays(rep, order)
         ok[0] = True
         out.append((order[ok], sim[ok]))
         rest = order[~ok]
         if len(rest) < 2:
             out.extend((np.array([r]), np.ones(1, np.float32)) for r in rest)
             break
-        # the members that left form groups again through the edges among themselves
+        # the members that left form groups again through the edges among themselves,
+        # and rows with identical hashes (linked through one of them) with each other
         pos = {int(r): i for i, r in enumerate(rest)}
         pairs = [(pos[a], pos[b]) for a, b in edges if a in pos and b in pos]
+        hashed = np.flatnonzero(rule.phash.known[rest])
+        same = hashed[np.argsort(rule.phash.values[rest[hashed]], kind="stable")]
+        tie = rule.phash.values[rest[same[1:]]] == rule.phash.values[rest[same[:-1]]]
+        pairs += zip(same[1:][tie].tolist(), same[:-1][tie].tolist())
         r_, c_ = (np.array(p, np.int64) for p in zip(*pairs)) if pairs else (np.empty(0, np.int64),) * 2
         labels = _components(len(rest), r_, c_)
         for lab in np.unique(labels)[1:]:
-            out.extend(_split_chains(rest[labels == lab], ids, x, edges, group_threshold, exact))
+            out.extend(_split_chains(rest[labels == lab], ids, edges, rule))
         todo = rest[labels == labels.min()]
     return out
+
+
+def _hash_links(phash: PerceptualHashes, max_distance: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) int64: the pairs whose hashes differ in at most ``max_distance`` bits.
+    Distinct hash values are searched (each with its ``k`` nearest), linked through the
+    first row holding each value; rows with the same value are linked to that row."""
+    hashed = np.flatnonzero(phash.known)
+    values, first, inverse = np.unique(phash.values[hashed], return_index=True, return_inverse=True)
+    hub = hashed[first]
+    a, b, _ = hash_pairs(values, max_distance, min(k, len(values) - 1))
+    twin = hub[inverse] != hashed
+    return (np.concatenate([hub[a], hashed[twin]]), np.concatenate([hub[b], hub[inverse][twin]]))
 
 
 def dedup(
@@ -160,6 +253,9 @@ def dedup(
     threshold: float = DEFAULT_THRESHOLD,
     group_threshold: float | None = None,
     k: int = DEFAULT_K,
+    perceptual_hashes: PerceptualHashes | None = None,
+    hash_distance: int = DEFAULT_HASH_DISTANCE,
+    hash_veto: int = DEFAULT_HASH_VETO,
 ) -> DedupResult:
     """Group exact and near duplicates.
 
@@ -168,6 +264,9 @@ def dedup(
     ``threshold``: cosine similarity from which two rows are near duplicates;
     ``group_threshold`` (default ``threshold - 0.05``): the least similarity to the
     group's representative a member may have (see the module notes on chaining).
+    ``perceptual_hashes``: each row's pHash (:func:`embedpipe.curate.hashes.hash_images`),
+    or None for cosine alone; rows whose hashes differ in at most ``hash_distance`` bits
+    are near duplicates, rows whose hashes differ in more than ``hash_veto`` are not.
     """
     ids = np.asarray(ids, dtype=object)
     x = l2_normalize(vectors)
@@ -183,14 +282,30 @@ def dedup(
         raise CurationInputError(
             f"group_threshold {group_threshold} is above threshold {threshold}: it must be "
             "the looser of the two")
+    hash_distance = _check_bits("hash_distance", hash_distance)
+    hash_veto = _check_bits("hash_veto", hash_veto)
     n = len(x)
     if n < 2:
         raise CurationInputError(f"dedup needs at least 2 rows, got {n}")
+    phash = perceptual_hashes or PerceptualHashes.none(n, "no perceptual hashes given")
+    if len(phash.values) != n:
+        raise CurationInputError(f"{len(phash.values)} perceptual hashes for {n} rows: pass one per row")
     k = min(int(k), n - 1)
     graph = knn_graph(x, k, normalized=True)
     neighbours, sims = graph.neighbours, graph.similarities
     rows, cols = np.nonzero(sims >= threshold)
     rows, cols = rows.astype(np.int64), neighbours[rows, cols]
+    step = HashStep(hash_distance, hash_veto, unavailable=phash.unavailable)
+    if phash.unavailable is None:
+        # a cosine pair whose hashes are far apart is two pictures, not a copy
+        both = phash.known[rows] & phash.known[cols]
+        far = both & (hamming(phash.values[rows], phash.values[cols]) > hash_veto)
+        vetoed = len(np.unique(np.minimum(rows, cols)[far] * n + np.maximum(rows, cols)[far]))
+        hash_rows, hash_cols = _hash_links(phash, hash_distance, k)
+        rows = np.concatenate([rows[~far], hash_rows])
+        cols = np.concatenate([cols[~far], hash_cols])
+        step = dataclasses.replace(step, hashed=int(phash.known.sum()), unreadable=int(n - phash.known.sum()),
+                                   links=len(hash_rows), vetoed=vetoed)
     # exact duplicates: a row with no hash (None) matches nothing, not other None rows
     if content_hashes is None:
         exact = np.arange(n)
@@ -210,6 +325,7 @@ def dedup(
             edges_of.setdefault(int(labels[a]), set()).add((min(a, b), max(a, b)))
 
     # singletons in one vectorised step; components of 2+ rows checked for chains
+    rule = _Rule(x, exact, phash, group_threshold, hash_distance, hash_veto)
     single = np.flatnonzero(sizes[labels] == 1)
     tmp_group = np.empty(n, np.int64)
     tmp_group[single] = np.arange(len(single))
@@ -218,8 +334,7 @@ def dedup(
     next_gid = len(single)
     for lab in np.flatnonzero(sizes > 1):
         members = np.flatnonzero(labels == lab)
-        for group, sim in _split_chains(members, ids, x, edges_of.get(int(lab), set()),
-                                        group_threshold, exact):
+        for group, sim in _split_chains(members, ids, edges_of.get(int(lab), set()), rule):
             tmp_group[group] = next_gid
             sim_to_rep[group] = sim
             rep_rows.append(group[:1])
@@ -236,15 +351,18 @@ def dedup(
     # the representative is an exact duplicate too when any member shares its hash
     has_exact_member = np.zeros(n, bool)
     has_exact_member[rep_of[exact_dup]] = True
+    bits = np.where(phash.known & phash.known[rep_of],
+                    hamming(phash.values, phash.values[rep_of]), -1).astype(np.int16)
     table = pd.DataFrame({
         "id": ids.astype(str),
         "group": group_of,
         "group_size": size_of,
         "representative": ids[rep_of].astype(str),
         "similarity_to_representative": np.clip(sim_to_rep, -1, 1).astype(np.float32),
+        "hash_distance_to_representative": bits,
         "exact_duplicate": exact_dup | has_exact_member,
     })
-    return DedupResult(table, sims[:, 0].copy(), threshold, group_threshold, k, graph.describe())
+    return DedupResult(table, sims[:, 0].copy(), threshold, group_threshold, k, step, graph.describe())
 
 
 def dedup_across(

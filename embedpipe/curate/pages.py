@@ -87,13 +87,27 @@ def _figure(data: bytes, alt: str, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+def hash_note(summary: dict) -> str:
+    """One sentence on what the perceptual hashes did, from a dedup summary."""
+    if summary["perceptual_hash"].startswith("unavailable"):
+        return (f"Perceptual hashes: {summary['perceptual_hash']}; near duplicates by cosine "
+                "similarity alone.")
+    return (f"Perceptual hashes (pHash, 64 bits) of {summary['hashed']:,} images "
+            f"({summary['unreadable']:,} unreadable): pairs within {summary['hash_distance']} bits "
+            f"are near duplicates whatever their cosine ({summary['hash_links']:,} links); "
+            f"{summary['vetoed_links']:,} cosine pairs more than {summary['hash_veto']} bits "
+            "apart were refused. Each member shows its cosine and hash distance to the kept image.")
+
+
 def dedup_page(result: DedupResult, paths: dict[str, str] | None, leakage: pd.DataFrame | None = None) -> str:
     s = result.summary()
+    hashes_used = result.hashes.unavailable is None
     body = [(f"<h1>Duplicates</h1><p>{s['rows']:,} images; {s['duplicate_groups']:,} groups of "
             f"duplicates; keep {s['keep']:,}, drop {s['drop']:,} ({s['exact_duplicates']:,} "
             f"exact duplicates by content hash). Near duplicates: cosine &ge; {s['threshold']:.3f}; "
             f"each member &ge; {s['group_threshold']:.3f} to its group's representative (the "
-            f"first id in sorted order, kept). Neighbours: {html.escape(s['neighbours'])}.</p>"),
+            f"first id in sorted order, kept). Neighbours: {html.escape(s['neighbours'])}. "
+            f"{html.escape(hash_note(s))}</p>"),
             _figure(histogram_png(result.nn_similarity, result.threshold), "similarity histogram",
                     "Each image's similarity to its nearest other image. Duplicates sit in the "
                     "spike near 1; put the threshold in the valley before it.")]
@@ -104,8 +118,10 @@ def dedup_page(result: DedupResult, paths: dict[str, str] | None, leakage: pd.Da
         g = dup[dup["group"] == gid]
         body.append(f"<h3>group {gid}: {len(g)} images</h3><div>")
         for r in g.itertuples():
+            bits = r.hash_distance_to_representative
+            hashed = f" · hash {bits}" if bits >= 0 else " · no hash" if hashes_used else ""
             kind = "kept" if r.id == r.representative else (
-                "exact" if r.exact_duplicate else f"{r.similarity_to_representative:.3f}")
+                "exact" if r.exact_duplicate else f"{r.similarity_to_representative:.3f}{hashed}")
             body.append(_tile(paths, r.id, kind))
         body.append("</div>")
     if leakage is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import MetadataMismatchError
 from ..provenance import differences
 from ..store import read_embeddings
@@ -23,6 +25,13 @@ from .dedup import (
     keep_manifest,
     read_content_hashes,
 )
+from .hashes import (
+    DEFAULT_HASH_DISTANCE,
+    DEFAULT_HASH_VETO,
+    HASH_FILE,
+    PerceptualHashes,
+    hash_images,
+)
 from .pages import write_audit, write_dedup
 
 
@@ -36,6 +45,20 @@ def check_same_space(meta_a: dict, meta_b: dict, names: tuple[str, str]) -> None
             "backbone, weights and layer.")
 
 
+def dataset_hashes(meta: dict, ids: np.ndarray, paths: dict[str, str] | None, out: Path, *,
+                   use: bool = True) -> PerceptualHashes:
+    """The pHashes of a dataset's images, computed or reused in ``out/hashes.parquet``;
+    none, with the reason, when switched off or the images are not reachable."""
+    if not use:
+        return PerceptualHashes.none(len(ids), "switched off (--no-hash)")
+    if paths is None:
+        images = meta.get("images")
+        where = (f"the image folder or manifest the embeddings record ({images}) is not a "
+                 "local path that exists" if images else "the embeddings record no image folder")
+        return PerceptualHashes.none(len(ids), f"images not reachable: {where}")
+    return hash_images(ids, paths, out / HASH_FILE)  # none, and why, without imagehash
+
+
 def dedup_dataset(
     embeddings: str | os.PathLike,
     out: str | os.PathLike,
@@ -44,24 +67,34 @@ def dedup_dataset(
     group_threshold: float | None = None,
     k: int = DEFAULT_K,
     across: str | os.PathLike | None = None,
+    hashes: bool = True,
+    hash_distance: int = DEFAULT_HASH_DISTANCE,
+    hash_veto: int = DEFAULT_HASH_VETO,
 ) -> tuple[dict, dict[str, Path]]:
     """Duplicates within ``embeddings`` (and, with ``across``, rows of ``embeddings`` that
     leak from the ``across`` dataset, e.g. test rows also in train), written under ``out``.
-    Returns the summary and the files written."""
+    ``hashes``: also compare the images' perceptual hashes (kept in ``out/hashes.parquet``
+    and reused from it). Returns the summary and the files written."""
     emb = read_embeddings(embeddings)
-    hashes = read_content_hashes(embeddings, emb.ids)
-    result = dedup(emb.ids, emb.vectors, hashes, threshold=threshold,
-                   group_threshold=group_threshold, k=k)
+    content = read_content_hashes(embeddings, emb.ids)
     paths = image_paths(emb.meta, emb.ids)
+    phash = dataset_hashes(emb.meta, emb.ids, paths, Path(out), use=hashes)
+    result = dedup(emb.ids, emb.vectors, content, threshold=threshold,
+                   group_threshold=group_threshold, k=k, perceptual_hashes=phash,
+                   hash_distance=hash_distance, hash_veto=hash_veto)
     keep = keep_manifest(result, dict(zip(emb.ids, emb.labels)), paths)
     leakage = None
     extra = {"embeddings": str(embeddings)}
+    if phash.unavailable is None:
+        extra["hashes_reused"] = phash.reused
     if across is not None:
         other = read_embeddings(across)
         check_same_space(other.meta, emb.meta, (str(across), str(embeddings)))
         leakage = dedup_across(other.ids, other.vectors, emb.ids, emb.vectors, threshold=threshold)
         extra["across"] = str(across)
     files = write_dedup(Path(out), result, keep, paths, leakage, extra)
+    if phash.unavailable is None:
+        files["hashes"] = Path(out) / HASH_FILE
     summary = {**result.summary(), **extra}
     if leakage is not None:
         summary["leaked"] = len(leakage)
