@@ -77,3 +77,16 @@ def test_the_command(ray_local, emb, tmp_path):
                                   "--index", "IVF32,Flat", "--engine", "ray"])
     assert r.exit_code == 0, r.output
     assert Index.open(tmp_path / "idx").parts()[0].ntotal == 3000
+
+
+def test_a_ray_build_with_lists_on_disk_equals_the_local_one(ray_local, emb, tmp_path):
+    import faiss
+
+    local = build_embeddings(emb, index="IVF32,Flat", seed=3, lists_dir=tmp_path / "a")
+    remote = build_embeddings(emb, index="IVF32,Flat", seed=3, lists_dir=tmp_path / "b", engine="ray")
+    assert faiss.extract_index_ivf(remote.parts()[0]).ntotal == 3000
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["lists.ivfdata"]
+    np.testing.assert_array_equal(remote.parts()[1], local.parts()[1])
+    assert remote.info.tuning == local.info.tuning
+    queries = np.random.default_rng(2).normal(size=(50, 16)).astype(np.float32)
+    np.testing.assert_array_equal(remote.search(queries, 10).id, local.search(queries, 10).id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -83,10 +84,14 @@ def index() -> None:
               "indexes; pip install \"embedpipe[ray]\"). Scan and training stay here.")
 @click.option("--ray-address", help="With --engine ray: the cluster to join ('auto', "
               "ray://host:10001). Default: start Ray on this machine.")
+@click.option("--on-disk", is_flag=True,
+              help="Keep an IVF index's inverted lists in a file beside index.faiss "
+              "(lists.ivfdata), never in memory: for indexes larger than RAM. With --engine "
+              "ray on a cluster, the folder of --out must be shared by the workers.")
 @table_columns
 @friendly_errors
 def build(embeddings: Path, out: Path, index_spec: str, overwrite: bool, columns: dict | None,
-          **options) -> None:
+          on_disk: bool, **options) -> None:
     """Build an index over the embeddings dataset EMBEDDINGS and write it to --out. Tables
     other tools wrote work too: a Parquet with an id and a vector column, or an .npy
     matrix with --ids."""
@@ -94,10 +99,15 @@ def build(embeddings: Path, out: Path, index_spec: str, overwrite: bool, columns
     from ..tables import Columns
 
     check_destination(out, overwrite=overwrite)  # before the build, not after it
-    built = build_embeddings(
-        embeddings, columns=Columns(**columns) if columns else None, index=index_spec, **options
-    )
-    built.save(out, overwrite=overwrite)
+    # the lists are written beside --out, on its file system, and linked into it on save
+    lists_dir = out.parent / f".{out.name}.lists" if on_disk else None
+    try:
+        built = build_embeddings(embeddings, columns=Columns(**columns) if columns else None,
+                                 index=index_spec, lists_dir=lists_dir, **options)
+        built.save(out, overwrite=overwrite)
+    finally:
+        if lists_dir is not None:
+            shutil.rmtree(lists_dir, ignore_errors=True)
     info = built.info
     click.echo(f"built {info.factory} over {info.count:,} x {info.dim} ({info.metric}) -> {out}")
     for key, value in _build_lines(info).items():

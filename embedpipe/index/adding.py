@@ -9,13 +9,19 @@ lists. Rows get the index numbers they get from a local add, in the same order i
 every inverted list, so the merged index answers exactly as a local build does. Only
 index families whose storage merges can be built so: Flat and the IVF family (Flat, SQ,
 PQ, with or without OPQ); an HNSW graph is one structure and is refused.
+
+With ``lists_dir`` the inverted lists are written to disk instead (:mod:`~embedpipe.index.ondisk`):
+each block (here) or shard (a Ray task) goes to a shard file, and the files are merged
+into ``lists.ivfdata``; the same rows get the same numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -24,6 +30,7 @@ from ..errors import IndexSpecError
 from .blocks import BlockSource, prepared_blocks
 from .exact import ExactTopK
 from .faiss_ops import search_knob
+from .ondisk import LISTS_FILE, ShardWriter, write_shard
 from .plan import Metric, SearchKnob
 from .tuning import Tuning, tune_knob
 
@@ -51,38 +58,80 @@ def add_and_tune(
     tune_k: int,
     target_recall: float,
     shards: Sequence[Shard] | None = None,
-) -> tuple[np.ndarray, Tuning | None]:
+    lists_dir: str | os.PathLike[str] | None = None,
+) -> tuple[faiss.Index, np.ndarray, Tuning | None]:
     """Add every row of ``source`` to the trained ``faiss_index`` and tune its search knob.
 
     ids: (n,) object, the ids ``source`` must yield, in order. queries: (nq, dim) float32,
     the prepared vectors of the dataset rows ``query_rows`` (nq,) int64. ``shards``: the
-    same rows split for Ray tasks (None: add here, block by block).
+    same rows split for Ray tasks (None: add here, block by block). ``lists_dir``: write an
+    IVF index's inverted lists there (``lists.ivfdata``) instead of holding them in memory.
 
     An index with a search knob gets the other rows first, in dataset order, while the
     exact neighbours of the queries among them are computed; it is tuned on the queries,
     which are then added last. An exact index gets every row in dataset order. Returns the
-    dataset position of each index row, (n,) int64, and the tuning (None for an exact index).
+    index (``faiss_index`` itself, or for ``lists_dir`` a copy whose lists are on disk),
+    the dataset position of each index row, (n,) int64, and the tuning (None for an exact
+    index).
     """
     held_out = np.zeros(len(ids), dtype=bool)
     truth = None
     if search_knob(faiss_index) is not None:
         held_out[query_rows] = True
         truth = ExactTopK(queries, None, k=tune_k, metric=metric)
+    positions = np.flatnonzero(~held_out)
+    if lists_dir is not None:
+        writer = ShardWriter(faiss_index, lists_dir)
+        try:
+            index, tuning = _tune_on_disk(writer, source, ids, held_out, truth, queries, metric=metric,
+                                          shards=shards, k=tune_k, target=target_recall)
+        finally:
+            writer.close()
+        return index, np.concatenate([positions, query_rows]), tuning
     if shards is None:
         _add_rows(faiss_index, source, ids, held_out, truth, metric=metric)
     else:
         _add_on_ray(faiss_index, shards, ids, held_out, truth, metric=metric,
                     queries=queries if truth is not None else None, k=tune_k)
-    positions = np.flatnonzero(~held_out)
     if truth is None:
-        return positions, None
+        return faiss_index, positions, None
     tuning = tune_knob(faiss_index, queries, truth.rows(), k=tune_k, target=target_recall)
-    log.info("tuned %s=%d: recall@%d %.3f", tuning.knob, tuning.value, tune_k, tuning.recall)
     faiss_index.add(queries)
+    _set_default(faiss_index, tuning)
+    return faiss_index, np.concatenate([positions, query_rows]), tuning
+
+
+def _set_default(faiss_index: faiss.Index, tuning: Tuning) -> None:
+    log.info("tuned %s=%d: recall@%d %.3f", tuning.knob, tuning.value, tuning.k, tuning.recall)
     # also the default of the bare FAISS file, for tools that read it without us
     name = "nprobe" if tuning.knob is SearchKnob.NPROBE else "efSearch"
     faiss.ParameterSpace().set_index_parameter(faiss_index, name, tuning.value)
-    return np.concatenate([positions, query_rows]), tuning
+
+
+def _tune_on_disk(writer: ShardWriter, source: BlockSource, ids: np.ndarray, held_out: np.ndarray,
+                  truth: ExactTopK, queries: np.ndarray, *, metric: Metric,
+                  shards: Sequence[Shard] | None, k: int, target: float) -> tuple[faiss.Index, Tuning]:
+    """The add pass into shard files, the tuning on their merged lists, and the index that
+    is kept: the lists merged again with the tuning rows as the last shard (on-disk lists
+    cannot grow once merged, see :mod:`~embedpipe.index.ondisk`)."""
+    if shards is None:
+        first_row = 0  # index rows so far: the rows kept, not held out
+        for start, x in prepared_blocks(source, dim=queries.shape[1], metric=metric, ids=ids):
+            x = x[~held_out[start : start + len(x)]]
+            truth.add(first_row, x)
+            writer.add(x, first_row)
+            first_row += len(x)
+    else:
+        _shards_on_ray(writer, shards, ids, held_out, truth, queries, metric=metric, k=k)
+    tuning_lists = writer.merge("tuning.ivfdata")
+    tuning = tune_knob(tuning_lists, queries, truth.rows(), k=k, target=target)
+    del tuning_lists
+    (writer.lists_dir / "tuning.ivfdata").unlink()
+    last = writer.scratch / "queries.index"
+    write_shard(writer.trained, [(int((~held_out).sum()), queries)], last)
+    index = writer.merge(LISTS_FILE, [last])
+    _set_default(index, tuning)
+    return index, tuning
 
 
 def _add_rows(index: faiss.Index, source: BlockSource, ids: np.ndarray, held_out: np.ndarray,
@@ -159,3 +208,42 @@ def _add_on_ray(faiss_index: faiss.Index, shards: Sequence[Shard], ids: np.ndarr
         log.debug("merged rows %d..%d", s.start, s.start + s.rows)
     if direct_map:
         ivf.make_direct_map(True)
+
+
+def _shard_to_file(trained: np.ndarray, shard: Shard, ids: np.ndarray, held_out: np.ndarray,
+                   first_row: int, queries: np.ndarray, k: int, metric: Metric, path: str):
+    """One Ray task of an on-disk build: the shard's kept rows written as a shard file at
+    ``path`` (index numbers from ``first_row``), and their exact top-k for the queries."""
+    truth = ExactTopK(queries, None, k=k, metric=metric)
+
+    def blocks():
+        row = first_row
+        for start, x in prepared_blocks(shard.source, dim=queries.shape[1], metric=metric, ids=ids):
+            x = x[~held_out[start : start + len(x)]]
+            truth.add(row, x)
+            yield row, x
+            row += len(x)
+
+    write_shard(trained, blocks(), Path(path))
+    return truth.partial()
+
+
+def _shards_on_ray(writer: ShardWriter, shards: Sequence[Shard], ids: np.ndarray,
+                   held_out: np.ndarray, truth: ExactTopK, queries: np.ndarray, *,
+                   metric: Metric, k: int) -> None:
+    """Ray tasks write one shard file each into the writer's scratch folder (a path every
+    worker must reach: a shared file system on a cluster)."""
+    import ray
+
+    trained, queries_ref = ray.put(writer.trained), ray.put(queries)
+    task = ray.remote(num_cpus=1)(_shard_to_file)
+    before = np.concatenate([[0], np.cumsum(held_out)])
+    paths = [writer.shard_path(i) for i in range(len(shards))]
+    pending = [
+        task.remote(trained, s, ids[s.start : s.start + s.rows], held_out[s.start : s.start + s.rows],
+                    s.start - int(before[s.start]), queries_ref, k, metric, str(path))
+        for s, path in zip(shards, paths)
+    ]
+    for path, ref in zip(paths, pending):  # shard order: rows keep their numbers
+        truth.add_partial(*ray.get(ref))
+        writer.take(path)

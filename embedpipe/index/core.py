@@ -61,6 +61,7 @@ from .blocks import (
 )
 from .exact import ExactTopK, query_recalls
 from .faiss_ops import create, search_knob, search_parameters, search_rows, serialized_bytes
+from .ondisk import LISTS_FILE, check_on_disk, lists_file, place_lists, read_index
 from .plan import (
     GRAPH_TUNE_QUERIES,
     TUNE_QUERIES,
@@ -309,6 +310,7 @@ class Index:
         meta: Mapping[str, Any] | None = None,
         embeddings_path: str | os.PathLike[str] | None = None,
         shards: Sequence[Shard] | None = None,
+        lists_dir: str | os.PathLike[str] | None = None,
     ) -> Index:
         """Build an index over ``data`` (see :func:`as_block_source` for what it may be).
 
@@ -332,6 +334,9 @@ class Index:
         shards: ``data`` split into parts that Ray tasks read and add on their own (see
             :mod:`~embedpipe.index.adding`); the scan and training stay here. None: the
             add pass runs in this process.
+        lists_dir: a folder for the inverted lists of an IVF index, which are then never
+            held in memory (:mod:`~embedpipe.index.ondisk`; other families are refused);
+            :meth:`save` puts them into the index directory. Best on the same file system.
         """
         metric = parse_metric(metric)
         budget = None if memory_budget is None else parse_memory_budget(memory_budget)
@@ -367,6 +372,8 @@ class Index:
         del sample, sample_rows  # ``training`` keeps them alive until the add pass
         timed("scan")
 
+        if lists_dir is not None:  # only inverted lists go to disk
+            candidates = [p for p in candidates if "IVF" in p.factory] or candidates[:1]
         over: list[tuple[str, int]] = []  # (factory, bytes) of each build over the budget
         for attempt, plan in enumerate(candidates, 1):
             log.info("index %s: %s", plan.factory, plan.reason)
@@ -382,9 +389,11 @@ class Index:
             timed("train")
             if shards is not None:
                 check_mergeable(faiss_index, plan.factory)
+            if lists_dir is not None:
+                check_on_disk(faiss_index, plan.factory)
             knob = search_knob(faiss_index)
             n_queries = min(tune_queries(None if knob is None else knob[0]), pool)
-            positions, tuning = add_and_tune(
+            faiss_index, positions, tuning = add_and_tune(
                 faiss_index,
                 source,
                 scan.ids,
@@ -394,6 +403,7 @@ class Index:
                 tune_k=tune_k,
                 target_recall=target_recall,
                 shards=shards,
+                lists_dir=lists_dir,
             )
             timed("add and tune")
             index_bytes = serialized_bytes(faiss_index)
@@ -416,6 +426,8 @@ class Index:
         if over:
             built = ", ".join(f"{factory} took {format_bytes(size)}" for factory, size in over)
             reason += f"; fell back from larger builds: {built} > budget {format_bytes(budget)}"
+        if (on_disk := lists_file(faiss_index)) is not None:
+            reason += f"; inverted lists on disk ({format_bytes(on_disk.stat().st_size)}, {LISTS_FILE})"
 
         source_path = None if embeddings_path is None else str(Path(embeddings_path).resolve())
         info = IndexInfo(
@@ -457,6 +469,7 @@ class Index:
         tmp = temporary_sibling(path)
         tmp.mkdir()
         try:
+            place_lists(self._faiss, tmp)
             atomic_write(tmp / INDEX_FILE, lambda f: faiss.write_index(self._faiss, str(f)))
             ids = pa.table(
                 {
@@ -487,7 +500,7 @@ class Index:
             )
         info = read_info(path)
         try:
-            faiss_index = faiss.read_index(str(path / INDEX_FILE))
+            faiss_index = read_index(path / INDEX_FILE)  # on-disk lists: found beside it
             table = pq.read_table(path / IDS_FILE)
             ids = table.column("id").to_numpy(zero_copy_only=False).astype(object)
             labels = table.column("label").to_numpy(zero_copy_only=False).astype(object)

@@ -48,6 +48,7 @@ from .blocks import IndexData, as_block_source, fingerprints, prepare, prepared_
 from .core import Index
 from .exact import ExactTopK, query_recalls
 from .faiss_ops import search_parameters, search_rows, serialized_bytes
+from .ondisk import lists_file
 from .plan import TUNE_QUERIES, format_bytes, tune_queries
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,10 @@ def update_index(
     started = time.perf_counter()
     source = as_block_source(data)
     faiss_index, _, _, _, stored = index.parts()
+    if lists_file(faiss_index) is not None:
+        raise IndexSpecError(
+            "this index keeps its inverted lists on disk (lists.ivfdata), which FAISS cannot "
+            "grow once they are merged; rebuild it (embedpipe index build --on-disk)")
     diff = _diff(index, source, stored=stored)
     _check_provenance(index, meta if meta is not None else diff.meta)
     if stored is None:
