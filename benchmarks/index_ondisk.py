@@ -5,7 +5,9 @@ memory, one with ``lists_dir`` (``index build --on-disk``), each in a fresh proc
     python benchmarks/index_ondisk.py --rows 20000 --dim 32 --index IVF64,Flat   # smoke
 
 The embeddings are written once as an embedpipe dataset (clustered like
-``benchmarks/index.py``'s). For each build: wall time, the build's peak RSS, and then in
+``benchmarks/index.py``'s). For each build: wall time, the build's peak RSS and peak
+anonymous memory (RssAnon sampled every 50 ms: RSS also counts the pages of files the
+build memory-maps, which the kernel can drop under pressure), and then in
 another fresh process the index opened and searched with 1,000 queries at the tuned
 setting (warm: the page cache holds what the queries touched): open time, anonymous memory
 after opening (RssAnon: the process's own, not page cache), median QPS of 3 searches, and
@@ -27,14 +29,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from index import BLOCK_ROWS, POINTS_PER_CENTRE, Clusters, clustered  # noqa: E402
 
 BUILD = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
 from embedpipe.index import build_embeddings
+def anon_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+peak, done = [0.0], threading.Event()
+def sample():  # RssAnon: the process's own memory; mapped files' pages are the kernel's to drop
+    while not done.wait(0.05):
+        peak[0] = max(peak[0], anon_mb())
+threading.Thread(target=sample, daemon=True).start()
 emb, out, spec, lists = sys.argv[1:5]
 t = time.perf_counter()
 index = build_embeddings(emb, index=spec, lists_dir=lists or None)
 index.save(out)
+done.set()
 print(json.dumps({"build_s": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(
-    resource.RUSAGE_SELF).ru_maxrss / 1024, "factory": index.info.factory,
+    resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_anon_mb": peak[0], "factory": index.info.factory,
     "setting": index.info.tuning.value, "reason": index.info.reason}))
 """
 
@@ -97,7 +109,8 @@ def main() -> None:
             searched = run(SEARCH, str(tmp / name), str(tmp / "q.npy"), str(tmp / f"{name}.npy"))
             found[name] = np.load(tmp / f"{name}.npy")
             files = {p.name: p.stat().st_size for p in (tmp / name).iterdir()}
-            print(f"{name:>14}: build {built['build_s']:.1f} s, peak RSS {built['peak_rss_mb']:,.0f} MB; "
+            print(f"{name:>14}: build {built['build_s']:.1f} s, peak RSS {built['peak_rss_mb']:,.0f} MB "
+                  f"(anonymous {built['peak_anon_mb']:,.0f} MB); "
                   f"{built['factory']} at {built['setting']}; files "
                   + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in sorted(files.items()))
                   + f"; open {searched['open_s']:.2f} s, +{searched['open_anon_mb']:,.0f} MB anonymous "
