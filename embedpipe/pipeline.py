@@ -72,7 +72,8 @@ def _step_keys() -> dict[str, tuple[set[str], set[str]]]:
     from .probe import ProbeConfig
 
     build = inspect.signature(Index.build).parameters
-    index_options = {n for n, p in build.items() if p.kind is p.KEYWORD_ONLY} - {"meta", "embeddings_path"}
+    index_options = {n for n, p in build.items() if p.kind is p.KEYWORD_ONLY} - {
+        "meta", "embeddings_path", "shards", "lists_dir"} | {"on_disk"}  # the step places the lists
     return {
         "extract": (_fields(ExtractConfig, without={"source", "out", "overwrite"}) | {"dataset"}, set()),
         "finetune": (_fields(FinetuneConfig, without={"source", "out"}) | {"dataset"}, set()),
@@ -307,7 +308,8 @@ class _Runner:
         record = out / STEP_RECORD
         same_config = record.is_file() and json.loads(record.read_text()).get("config") == {
             "kind": step.kind, "options": step.options}
-        if same_config and (out / META_FILE).is_file():
+        on_disk = bool(step.options.get("on_disk"))
+        if same_config and (out / META_FILE).is_file() and not on_disk:  # on-disk lists: rebuilt
             # only the rows changed: update the index in place of a rebuild, unless the
             # embeddings were made differently or the update says the training has drifted
             try:
@@ -319,9 +321,15 @@ class _Runner:
                     return (f"{idx.info.factory} updated: {r.added} added, {r.removed} removed, "
                             f"{r.replaced} replaced -> {len(idx)} vectors")
                 log.info("rebuilding index %s: recall@%d %.3f after the update", step.name, r.k, r.recall)
-        o = {k: v for k, v in step.options.items() if k != "input"}
-        idx = Index.build(embedding_blocks(src), meta=read_meta(src), embeddings_path=src, **o)
-        idx.save(out, overwrite=True)
+        o = {k: v for k, v in step.options.items() if k not in ("input", "on_disk")}
+        lists = out.parent / f".{out.name}.lists" if on_disk else None  # as index build --on-disk
+        try:
+            idx = Index.build(embedding_blocks(src), meta=read_meta(src), embeddings_path=src,
+                              lists_dir=lists, **o)
+            idx.save(out, overwrite=True)
+        finally:
+            if lists is not None:
+                shutil.rmtree(lists, ignore_errors=True)
         return f"{idx.info.factory} over {len(idx)} vectors"
 
     def probe(self, step: Step, out: Path) -> str:

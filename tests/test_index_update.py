@@ -228,3 +228,25 @@ def test_a_pipeline_updates_its_index_when_only_rows_changed(image_folder, tmp_p
     done = {s.step.name: s.detail for s in run_pipeline(path).statuses}
     assert done["idx"] == "Flat updated: 1 added, 1 removed, 0 replaced -> 10 vectors"
     assert "cats/new.png" in Index.open(tmp_path / "out" / "idx")
+
+
+def test_a_pipeline_index_on_disk_is_rebuilt_not_updated(image_folder, tmp_path):
+    from conftest import make_image
+
+    from embedpipe.index.ondisk import LISTS_FILE
+    from embedpipe.pipeline import run_pipeline
+
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[pipeline]\nout = "out"\n[datasets.imgs]\nimages = "images"\n'
+        '[[steps]]\nkind = "extract"\nname = "emb"\ndataset = "imgs"\nbackbone = "lenet5"\n'
+        'weights = "none"\nworkers = 1\n'
+        '[[steps]]\nkind = "index"\nname = "idx"\ninput = "emb"\nindex = "IVF2,Flat"\non_disk = true\n'
+    )
+    run_pipeline(path)
+    assert (tmp_path / "out" / "idx" / LISTS_FILE).is_file()
+    make_image(image_folder / "cats" / "new.png", seed=5)
+    done = {s.step.name: s.detail for s in run_pipeline(path).statuses}
+    assert done["idx"] == "IVF2,Flat over 11 vectors"  # rebuilt: on-disk lists cannot grow
+    assert "cats/new.png" in Index.open(tmp_path / "out" / "idx")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".idx")) == []
