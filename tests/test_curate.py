@@ -234,6 +234,45 @@ def test_leakage_equals_brute_force():
                                s[hit].max(axis=1), atol=1e-5)
 
 
+def test_leakage_with_hashes_equals_brute_force():
+    """The rule of dedup across two sets: cosine >= threshold unless the hashes differ in
+    more than the veto, or hashes within the distance whatever the cosine."""
+    from embedpipe.curate.hashes import PerceptualHashes, hamming
+
+    rng = np.random.default_rng(8)
+    a = rng.normal(size=(60, 16)).astype(np.float32)
+    b = rng.normal(size=(30, 16)).astype(np.float32)
+    b[:10] = a[:10] + 0.02 * rng.normal(size=(10, 16))  # near copies by cosine
+    ha = rng.integers(0, 2**63, 60, dtype=np.int64).astype(np.uint64)
+    hb = rng.integers(0, 2**63, 30, dtype=np.int64).astype(np.uint64)
+    hb[:5] = ha[:5] ^ np.uint64(0b111)  # copies by both: 3 bits
+    hb[10:14] = ha[20:24] ^ np.uint64(0b11)  # copies by hash alone, unrelated vectors
+    known_b = np.ones(30, bool)
+    known_b[13] = False  # no hash: found by neither
+    ids_a = np.array([f"a{i}" for i in range(60)], dtype=object)
+    ids_b = np.array([f"b{i}" for i in range(30)], dtype=object)
+    leaks = dedup_across(ids_a, a, ids_b, b, threshold=0.9, hash_distance=8, hash_veto=20,
+                         hashes_a=PerceptualHashes(ha, np.ones(60, bool)),
+                         hashes_b=PerceptualHashes(hb, known_b)).set_index("id")
+
+    s = brute_cosine(b, a)
+    bits = hamming(hb[:, None], ha[None, :])
+    cos_near = s.argmax(axis=1)
+    by_cosine = (s.max(axis=1) >= 0.9) & (~known_b | (bits[np.arange(30), cos_near] <= 20))
+    by_hash = ~by_cosine & known_b & (bits.min(axis=1) <= 8)
+    expected = {ids_b[i]: ids_a[cos_near[i]] for i in np.flatnonzero(by_cosine)}
+    expected |= {ids_b[i]: ids_a[bits[i].argmin()] for i in np.flatnonzero(by_hash)}
+    # b5..b9: cosine copies whose random hashes differ in ~32 bits: vetoed
+    assert set(expected) == {f"b{i}" for i in [*range(5), 10, 11, 12]}
+    assert leaks["nearest_id"].to_dict() == expected
+    assert list(leaks.loc[["b10", "b11", "b12"], "found_by"]) == ["hash"] * 3
+    assert (leaks.loc[["b0", "b1"], "hash_distance"] == 3).all()
+    np.testing.assert_allclose(leaks.loc["b10", "similarity"], s[10, 20], atol=1e-5)
+    # without hashes: cosine alone, as before
+    plain = dedup_across(ids_a, a, ids_b, b, threshold=0.9)
+    assert set(plain["id"]) == {f"b{i}" for i in range(10)} and (plain["hash_distance"] == -1).all()
+
+
 # --- the command line ----------------------------------------------------------------
 
 
@@ -441,6 +480,31 @@ def test_copies_of_real_photos_group_by_hash_where_cosine_would_not(tmp_path, ph
         (f"{photos[0]}.jpg", f"{photos[1]}.jpg")}
     assert "perceptual hashes unavailable: switched off (--no-hash)" in r.output
     assert not (tmp_path / "nohash" / "hashes.parquet").exists()
+
+
+def test_leakage_finds_test_images_that_are_copies_of_train_images_by_hash(tmp_path, photo_copies):
+    from conftest import require
+
+    from embedpipe.curate.run import dedup_dataset
+
+    require("imagehash", "perceptual hashes")
+    images, copies = photo_copies
+    photos = sorted(copies)
+    train = [copies[p][0] for p in photos]  # the originals
+    test = [copies[p][2] for p in photos[:3]] + [copies[p][0] for p in photos[3:4]]  # 3 JPEG-30 copies
+    rng = np.random.default_rng(17)
+    emb_train = write_dataset(tmp_path / "train", train, rng.normal(size=(len(train), 32)), images=images)
+    x_test = rng.normal(size=(len(test), 32))
+    emb_test = write_dataset(tmp_path / "test", test, x_test, images=images)
+    summary, files = dedup_dataset(emb_test, tmp_path / "out", across=emb_train)
+    leak = pd.read_parquet(files["leakage"]).set_index("id")
+    # the copies (and the original itself) by hash, though their vectors are unrelated
+    assert leak["nearest_id"].to_dict() == {copies[p][2]: copies[p][0] for p in photos[:3]} | {
+        copies[photos[3]][0]: copies[photos[3]][0]}
+    assert set(leak["found_by"]) == {"hash"} and summary["across_hashes"] == "pHash"
+    assert (tmp_path / "out" / "hashes-across.parquet").is_file()
+    summary, files = dedup_dataset(emb_test, tmp_path / "plain", across=emb_train, hashes=False)
+    assert summary["leaked"] == 0 and summary["across_hashes"].startswith("unavailable: switched off")
 
 
 def test_unreadable_images_get_no_hash_and_are_counted(tmp_path, photo_copies):

@@ -37,7 +37,8 @@ AUDIT_FOLDS = 5
               help="Neighbours searched per image: the most near copies one image can link.")
 @click.option("--across", type=click.Path(exists=True, path_type=Path),
               help="Another embeddings dataset (e.g. train): also list images of EMBEDDINGS "
-              "that have a near copy there, in leakage.parquet.")
+              "that have a near copy there (by cosine, or by perceptual hash when both sets' "
+              "images are reachable), in leakage.parquet.")
 @click.option("--hash-distance", type=click.IntRange(0, 64), default=DEFAULT_HASH_DISTANCE,
               help="Images whose perceptual hashes (64-bit pHash) differ in at most this many "
               "bits are near duplicates, whatever their cosine.")
@@ -70,8 +71,12 @@ def dedup(embeddings: Path, out: Path, threshold: float, group_threshold: float 
                    f"links within {hash_distance} bits, {s['vetoed_links']:,} cosine pairs "
                    f"refused (> {hash_veto} bits)")
     if across is not None:
+        rule = f"cosine >= {threshold}" + (f" or pHash within {hash_distance} bits"
+                                           if s["across_hashes"] == "pHash" else "")
         click.echo(f"leakage: {s['leaked']:,} images of {embeddings} have a near copy in {across} "
-                   f"(cosine >= {threshold}) -> {files['leakage']}")
+                   f"({rule}) -> {files['leakage']}")
+        if s["across_hashes"] != "pHash":
+            click.echo(f"hashes of {across}: {s['across_hashes']}")
     click.echo(f"keep-list: {files['keep']}; page: {files['html']}")
 
 

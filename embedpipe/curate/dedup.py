@@ -57,6 +57,7 @@ from .hashes import (
     PerceptualHashes,
     hamming,
     hash_pairs,
+    nearest_hashes,
 )
 
 #: the near-duplicate threshold (measured: see embedpipe.config.DUPLICATE_SIMILARITY)
@@ -372,23 +373,51 @@ def dedup_across(
     vectors_b: np.ndarray,
     *,
     threshold: float = DEFAULT_THRESHOLD,
+    hashes_a: PerceptualHashes | None = None,
+    hashes_b: PerceptualHashes | None = None,
+    hash_distance: int = DEFAULT_HASH_DISTANCE,
+    hash_veto: int = DEFAULT_HASH_VETO,
 ) -> pd.DataFrame:
-    """Leakage: the rows of b whose nearest row of a reaches ``threshold``.
+    """Leakage: the rows of b with a near copy in a.
 
-    ``vectors_a``: (Na, D), ``vectors_b``: (Nb, D) float, from the same vector space.
-    Returns a frame ``id`` (of b), ``nearest_id`` (of a), ``similarity`` (float32),
-    most similar first (ties by id).
+    ``vectors_a``: (Na, D), ``vectors_b``: (Nb, D) float, from the same vector space. A
+    row of b leaks when its nearest row of a by cosine reaches ``threshold`` (unless their
+    hashes differ in more than ``hash_veto`` bits), or, with both sets' perceptual hashes,
+    when the nearest hash of a is within ``hash_distance`` bits: the rule of :func:`dedup`.
+    Returns a frame ``id`` (of b), ``nearest_id`` (of a), ``similarity`` (float32, their
+    cosine), ``hash_distance`` (int16 bits, -1 where unknown), ``found_by`` ("cosine" or
+    "hash"), most similar first (ties by id).
     """
     threshold = _check_threshold("threshold", threshold)
+    hash_distance = _check_bits("hash_distance", hash_distance)
+    hash_veto = _check_bits("hash_veto", hash_veto)
     ids_a, ids_b = np.asarray(ids_a, dtype=object), np.asarray(ids_b, dtype=object)
     if len(ids_a) != len(vectors_a) or len(ids_b) != len(vectors_b):
         raise CurationInputError("pass one id per vector in each set")
+    ha = hashes_a or PerceptualHashes.none(len(ids_a), "no perceptual hashes given")
+    hb = hashes_b or PerceptualHashes.none(len(ids_b), "no perceptual hashes given")
+    if len(ha.values) != len(ids_a) or len(hb.values) != len(ids_b):
+        raise CurationInputError("pass one perceptual hash per row in each set")
     nearest, sims = knn_search(vectors_b, vectors_a, 1)
-    hit = sims[:, 0] >= threshold
+    nearest, sims = nearest[:, 0], sims[:, 0]
+    bits = np.where(hb.known & ha.known[nearest], hamming(hb.values, ha.values[nearest]), -1)
+    by_cosine = (sims >= threshold) & (bits <= hash_veto)
+    by_hash = np.zeros(len(ids_b), bool)
+    if ha.unavailable is None and hb.unavailable is None:
+        rows, near_bits = nearest_hashes(hb, ha)
+        by_hash = ~by_cosine & (near_bits >= 0) & (near_bits <= hash_distance)
+        found = np.flatnonzero(by_hash)
+        nearest, bits, sims = nearest.copy(), bits.copy(), sims.copy()
+        nearest[found], bits[found] = rows[found], near_bits[found]
+        sims[found] = np.einsum("ij,ij->i", l2_normalize(vectors_b[found]),
+                                l2_normalize(vectors_a[nearest[found]]))
+    hit = by_cosine | by_hash
     out = pd.DataFrame({
         "id": ids_b[hit].astype(str),
-        "nearest_id": ids_a[nearest[hit, 0]].astype(str),
-        "similarity": sims[hit, 0].astype(np.float32),
+        "nearest_id": ids_a[nearest[hit]].astype(str),
+        "similarity": sims[hit].astype(np.float32),
+        "hash_distance": bits[hit].astype(np.int16),
+        "found_by": np.where(by_hash[hit], "hash", "cosine"),
     })
     return out.sort_values(["similarity", "id"], ascending=[False, True], ignore_index=True)
 

@@ -71,6 +71,8 @@ SAVE_EVERY = 50_000
 #: queries per FAISS range search: memory is this many queries' matches
 QUERY_BLOCK = 16_384
 HASH_FILE = "hashes.parquet"
+#: the hashes of ``dedup --across``'s other dataset
+ACROSS_HASH_FILE = "hashes-across.parquet"
 #: how the hashes were made, kept in hashes.parquet: rows made otherwise are not reused
 _METHOD_KEY = b"embedpipe.hashes"
 
@@ -347,3 +349,25 @@ def hash_pairs(values: np.ndarray, max_distance: int, k: int, *,
     a, b = np.minimum(query, other), np.maximum(query, other)
     _, first = np.unique(a * n + b, return_index=True)
     return a[first], b[first], dist[first]
+
+
+def nearest_hashes(queries: PerceptualHashes, base: PerceptualHashes) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, the base row whose hash is nearest (ties: the lowest row) and
+    the bits between them: ``(rows (Nq,) int64, bits (Nq,) int64)``, -1 for both where
+    the query or every base row has no hash."""
+    import faiss
+
+    rows = np.full(len(queries.values), -1, np.int64)
+    bits = np.full(len(queries.values), -1, np.int64)
+    known_base = np.flatnonzero(base.known)
+    asked = np.flatnonzero(queries.known)
+    if len(known_base) == 0 or len(asked) == 0:
+        return rows, bits
+    index = faiss.IndexBinaryFlat(HASH_BITS)
+    index.add(np.ascontiguousarray(base.values[known_base]).view(np.uint8).reshape(-1, 8))
+    for start in range(0, len(asked), QUERY_BLOCK):
+        block = asked[start:start + QUERY_BLOCK]
+        codes = np.ascontiguousarray(queries.values[block]).view(np.uint8).reshape(-1, 8)
+        dist, found = index.search(codes, 1)
+        rows[block], bits[block] = known_base[found[:, 0]], dist[:, 0]
+    return rows, bits

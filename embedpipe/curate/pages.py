@@ -126,9 +126,11 @@ def dedup_page(result: DedupResult, paths: dict[str, str] | None, leakage: pd.Da
         body.append("</div>")
     if leakage is not None:
         body.append(f"<h2>Leakage: {len(leakage):,} images also in the other set</h2><table>"
-                    "<tr><th>id</th><th>nearest in the other set</th><th>similarity</th></tr>")
+                    "<tr><th>id</th><th>nearest in the other set</th><th>similarity</th>"
+                    "<th>hash bits</th><th>found by</th></tr>")
         body += [f"<tr><td>{html.escape(r.id)}</td><td>{html.escape(r.nearest_id)}</td>"
-                 f"<td>{r.similarity:.4f}</td></tr>" for r in leakage.head(PAGE_ROWS * 5).itertuples()]
+                 f"<td>{r.similarity:.4f}</td><td>{r.hash_distance if r.hash_distance >= 0 else '-'}</td>"
+                 f"<td>{r.found_by}</td></tr>" for r in leakage.head(PAGE_ROWS * 5).itertuples()]
         body.append("</table>")
     return _page("Duplicates", body)
 

@@ -26,6 +26,7 @@ from .dedup import (
     read_content_hashes,
 )
 from .hashes import (
+    ACROSS_HASH_FILE,
     DEFAULT_HASH_DISTANCE,
     DEFAULT_HASH_VETO,
     HASH_FILE,
@@ -46,9 +47,9 @@ def check_same_space(meta_a: dict, meta_b: dict, names: tuple[str, str]) -> None
 
 
 def dataset_hashes(meta: dict, ids: np.ndarray, paths: dict[str, str] | None, out: Path, *,
-                   use: bool = True) -> PerceptualHashes:
-    """The pHashes of a dataset's images, computed or reused in ``out/hashes.parquet``;
-    none, with the reason, when switched off or the images are not reachable."""
+                   use: bool = True, name: str = HASH_FILE) -> PerceptualHashes:
+    """The pHashes of a dataset's images, computed or reused in ``out/name``; none, with
+    the reason, when switched off or the images are not reachable."""
     if not use:
         return PerceptualHashes.none(len(ids), "switched off (--no-hash)")
     if paths is None:
@@ -56,7 +57,7 @@ def dataset_hashes(meta: dict, ids: np.ndarray, paths: dict[str, str] | None, ou
         where = (f"the image folder or manifest the embeddings record ({images}) is not a "
                  "local path that exists" if images else "the embeddings record no image folder")
         return PerceptualHashes.none(len(ids), f"images not reachable: {where}")
-    return hash_images(ids, paths, out / HASH_FILE)  # none, and why, without imagehash
+    return hash_images(ids, paths, out / name)  # none, and why, without imagehash
 
 
 def dedup_dataset(
@@ -90,8 +91,14 @@ def dedup_dataset(
     if across is not None:
         other = read_embeddings(across)
         check_same_space(other.meta, emb.meta, (str(across), str(embeddings)))
-        leakage = dedup_across(other.ids, other.vectors, emb.ids, emb.vectors, threshold=threshold)
+        other_hashes = dataset_hashes(other.meta, other.ids, image_paths(other.meta, other.ids),
+                                      Path(out), use=hashes, name=ACROSS_HASH_FILE)
+        leakage = dedup_across(other.ids, other.vectors, emb.ids, emb.vectors, threshold=threshold,
+                               hashes_a=other_hashes, hashes_b=phash,
+                               hash_distance=hash_distance, hash_veto=hash_veto)
         extra["across"] = str(across)
+        extra["across_hashes"] = ("pHash" if other_hashes.unavailable is None
+                                  else f"unavailable: {other_hashes.unavailable}")
     files = write_dedup(Path(out), result, keep, paths, leakage, extra)
     if phash.unavailable is None:
         files["hashes"] = Path(out) / HASH_FILE
