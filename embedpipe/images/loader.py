@@ -61,13 +61,14 @@ class DecodePool:
     """``with DecodePool(...) as pool: for record, result in pool.imap(records): ...``
 
     ``decode_fn`` (a picklable module-level function with :func:`decode_chunk`'s
-    signature) replaces the decoder, for tests. ``prefetch`` bounds the images in flight. ``nice`` lowers the workers' CPU priority: on a machine where the forward pass
+    signature) replaces the decoder: tests use it, and so does perceptual hashing
+    (:func:`embedpipe.curate.hashes.phash_chunk`, which needs no ``preprocessing``: None). ``prefetch`` bounds the images in flight. ``nice`` lowers the workers' CPU priority: on a machine where the forward pass
     already uses every core, decoding then fills the gaps instead of preempting it.
     """
 
     def __init__(
         self,
-        preprocessing: Preprocessing,
+        preprocessing: Preprocessing | None,
         *,
         workers: int,
         mode: DecodeMode = DecodeMode.FULL,
