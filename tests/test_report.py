@@ -28,11 +28,11 @@ from embedpipe.report import (
     MARKDOWN_FILE,
     RESULTS_FILE,
     load_results,
-    map_points,
     render_report,
     views,
     write_report,
 )
+from embedpipe.report.plots import map_points
 
 FIGURES = ("accuracy", "validation_curve", "confusion_matrix", "map", "cka")
 #: the map of the reports here: PCA, fast; UMAP's first fit in a process compiles for ~20 s

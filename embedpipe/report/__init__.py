@@ -9,9 +9,9 @@ views of every dataset that :mod:`embedpipe.probe` may not compute, because ``pr
 (:class:`embedpipe.compare.MinibatchCKA`), both of the probe's seeded row sample.
 
 The Markdown and the HTML are rendered from one list of blocks, so they cannot drift
-apart; the HTML embeds its figures as base64 PNG and needs nothing beside itself.
-Figures are drawn with matplotlib's object-oriented API on the Agg canvas: no display,
-no pyplot global state.
+apart; the HTML embeds its figures as base64 PNG and needs nothing beside itself. How the
+document is read (names, weights, percentages) is :mod:`.document`; the figures are
+:mod:`.plots`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import base64
 import html
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -30,17 +29,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.colors import ListedColormap
-from matplotlib.figure import Figure
 
-from .compare import CKAError, CKAResult, MinibatchCKA, cka_heatmap
-from .errors import ReportError
-from .figures import PAGE_CSS, robust_limits, wrap
-from .figures import png as figure_png
-from .files import atomic_write_bytes
-from .maps import MapParams, project
-from .probe import RESULTS_SCHEMA, SMALL_TEST_SET, ProbeResults
-from .provenance import WeightsInfo
+from ..compare import CKAError, MinibatchCKA
+from ..errors import ReportError
+from ..figures import PAGE_CSS
+from ..files import atomic_write_bytes
+from ..maps import MapParams, project
+from ..probe import RESULTS_SCHEMA, SMALL_TEST_SET, ProbeResults
+from .document import (
+    ci,
+    headline_k,
+    p_value,
+    pct,
+    pretrained,
+    top5_measured,
+    weights_text,
+)
+from .plots import (
+    MAX_TICK_CLASSES,
+    depth_series,
+    draw_figures,
+    map_method_text,
+    sample_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +60,6 @@ MARKDOWN_FILE = "report.md"
 HTML_FILE = "report.html"
 FIGURES_DIR = "figures"
 
-_DPI = 110
-_MAX_TICK_CLASSES = 30  # more classes than this: no class names on confusion axes
-_MAX_ANNOTATED_CLASSES = 12  # confusion cells carry counts, maps a legend
-_HEADLINE_K = 20  # the k-NN column of the comparison table, as DINO reports
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,7 @@ def render_report(out_dir: str | os.PathLike) -> ReportFiles:
     """(Re-)render ``report.md``, ``report.html`` and ``figures/`` from ``results.json``."""
     out = Path(out_dir)
     doc = load_results(out)
-    figures = _figures(doc)
+    figures = draw_figures(doc)
     (out / FIGURES_DIR).mkdir(exist_ok=True)
     figure_paths = []
     for name, png in figures.items():
@@ -159,290 +166,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-# --- reading the document ------------------------------------------------------------
-
-
-def _pretrained(provenance: Mapping[str, Any]) -> bool | None:
-    """True / False as recorded in the weights metadata; None when it was not recorded."""
-    weights = provenance.get("weights")
-    value = weights.get("pretrained") if isinstance(weights, Mapping) else None
-    return value if isinstance(value, bool) else None
-
-
-def _weights_name(provenance: Mapping[str, Any]) -> str:
-    """A name that fits a cell: a checkpoint's file name and sha256 prefix (the full path
-    stays in results.json), a torchvision enum without its class."""
-    weights = provenance.get("weights")
-    if not isinstance(weights, Mapping):
-        return "unknown"
-    if "kind" in weights:
-        return WeightsInfo.from_dict(weights).short_name()
-    return str(weights.get("name") or "unknown")
-
-
-def _weights_text(provenance: Mapping[str, Any]) -> str:
-    status = {True: "pretrained", False: "NOT PRETRAINED", None: "pretraining not recorded"}
-    return f"{_weights_name(provenance)} ({status[_pretrained(provenance)]})"
-
-
-def _top5_measured(doc: Mapping[str, Any]) -> bool:
-    """Top-5 accuracy says something only with more than five classes."""
-    return len(doc["split"]["classes"]) > 5
-
-
-def _display_name(name: str, provenance: Mapping[str, Any]) -> str:
-    """Axis label: not-pretrained embeddings are marked wherever they are plotted."""
-    return (
-        name if _pretrained(provenance) else f"{name}\n({_STATUS_SHORT[_pretrained(provenance)]})"
-    )
-
-
-_STATUS_SHORT = {False: "not pretrained", None: "pretraining unknown"}
-
-
-def _headline_k(doc: Mapping[str, Any]) -> int | None:
-    """The k shown in the comparison: 20 when measured, else the smallest measured k."""
-    ks = [int(key[1:]) for key, m in next(iter(doc["datasets"].values()))["knn"].items() if m]
-    return _HEADLINE_K if _HEADLINE_K in ks else (min(ks) if ks else None)
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.2f}%"
-
-
-def _ci(metrics: Mapping[str, Any]) -> str:
-    return f"{100 * metrics['linear.top1_ci_low']:.2f}, {100 * metrics['linear.top1_ci_high']:.2f}"
-
-
-def _p_value(p: float) -> str:
-    return "p < 0.0001" if p < 1e-4 else f"p = {p:.4f}"
-
-
-# --- figures -------------------------------------------------------------------------
-
-
-def _png(fig: Figure) -> bytes:
-    return figure_png(fig, dpi=_DPI)
-
-
-def _label_colors(n_classes: int) -> ListedColormap:
-    from matplotlib import colormaps
-
-    if n_classes <= 10:
-        return ListedColormap(colormaps["tab10"].colors[:n_classes])
-    if n_classes <= 20:
-        return ListedColormap(colormaps["tab20"].colors[:n_classes])
-    return ListedColormap(colormaps["turbo"](np.linspace(0.05, 0.95, n_classes)))
-
-
-def _figures(doc: Mapping[str, Any]) -> dict[str, bytes]:
-    figures = {
-        "accuracy": _accuracy_figure(doc),
-        "validation_curve": _validation_figure(doc),
-        "confusion_matrix": _confusion_figure(doc),
-    }
-    if doc.get("map"):
-        figures["map"] = _map_figure(doc)
-    if (doc.get("cka") or {}).get("matrix") is not None:
-        figures["cka"] = _cka_figure(doc)
-    if depth_series(doc):
-        figures["depth"] = _depth_figure(doc)
-    return figures
-
-
-def depth_series(doc: Mapping[str, Any]) -> dict[str, list[tuple[float, str]]]:
-    """Datasets of one backbone and weights at two or more layers, each series as
-    (relative depth, dataset name) shallowest first: a stage records its depth
-    (``extract --layer stages``), gap and penultimate are the end of the network (1.0)."""
-    series: dict[str, list[tuple[float, str]]] = {}
-    for name, entry in doc["datasets"].items():
-        p = entry["provenance"]
-        depth = p.get("depth", 1.0 if p.get("layer") in ("gap", "penultimate") else None)
-        if depth is None or p.get("backbone") is None:
-            continue
-        key = f"{p['backbone']} ({_weights_name(p)})"
-        series.setdefault(key, []).append((float(depth), name))
-    return {k: sorted(v) for k, v in series.items() if len({d for d, _ in v}) >= 2}
-
-
-def _depth_figure(doc: Mapping[str, Any]) -> bytes:
-    """Linear-probe top-1 (with its interval) and k-NN top-1 against relative depth."""
-    datasets, k = doc["datasets"], _headline_k(doc)
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
-    ax = fig.subplots()
-    series = depth_series(doc)
-    colours = _label_colors(max(len(series), 1))
-    for i, (backbone, points) in enumerate(series.items()):
-        x = np.array([d for d, _ in points])
-        m = [datasets[n]["metrics"] for _, n in points]
-        top1 = np.array([v["linear.top1"] for v in m])
-        err = np.vstack([top1 - [v["linear.top1_ci_low"] for v in m], [v["linear.top1_ci_high"] for v in m] - top1])
-        ax.errorbar(x, 100 * top1, yerr=100 * err, marker="o", capsize=3, color=colours(i),
-                    label=f"{backbone}: linear")
-        if k is not None:
-            ax.plot(x, [100 * v[f"knn.k{k}.top1"] for v in m], marker="s", linestyle="--", color=colours(i),
-                    alpha=0.7, label=f"{backbone}: k-NN, k={k}")
-    ax.set_xlabel("relative depth (0 = input, 1 = last stage)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_xlim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("Transfer by depth: a probe per layer", fontsize=10)
-    return _png(fig)
-
-
-def _accuracy_figure(doc: Mapping[str, Any]) -> bytes:
-    names = doc["ranking"]
-    datasets = doc["datasets"]
-    k = _headline_k(doc)
-    fig = Figure(figsize=(max(5.0, 1.5 * len(names) + 2.0), 4.2), layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(len(names))
-    width = 0.38 if k is not None else 0.6
-    linear = np.array([datasets[n]["metrics"]["linear.top1"] for n in names])
-    low = np.array([datasets[n]["metrics"]["linear.top1_ci_low"] for n in names])
-    high = np.array([datasets[n]["metrics"]["linear.top1_ci_high"] for n in names])
-    hatches = ["" if _pretrained(datasets[n]["provenance"]) else "//" for n in names]
-    offset = -width / 2 if k is not None else 0.0
-    bars = ax.bar(x + offset, 100 * linear, width, yerr=100 * np.vstack([linear - low, high - linear]),
-                  capsize=4, color="#4C72B0",
-                  label=f"linear probe (top-1, {100 * doc['config']['confidence']:.0f}% CI)")
-    groups = [bars]
-    if k is not None:
-        knn = np.array([datasets[n]["metrics"][f"knn.k{k}.top1"] for n in names])
-        groups.append(ax.bar(x + width / 2, 100 * knn, width, color="#DD8452", label=f"k-NN, k={k} (top-1)"))
-    for group in groups:
-        for bar, hatch in zip(group, hatches):
-            bar.set_hatch(hatch)
-            bar.set_edgecolor("#333333" if hatch else bar.get_facecolor())
-        ax.bar_label(group, fmt="%.1f", padding=3, fontsize=8)
-    ax.set_xticks(x, [_display_name(n, datasets[n]["provenance"]) for n in names])
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 108)
-    ax.set_title("Accuracy per embeddings dataset (hatched: not pretrained)", fontsize=10)
-    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
-
-
-def _validation_figure(doc: Mapping[str, Any]) -> bytes:
-    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
-    ax = fig.subplots()
-    for name in doc["ranking"]:
-        entry = doc["datasets"][name]
-        curve = entry["linear"]["validation_curve"]
-        (line,) = ax.plot(curve["C"], 100 * np.asarray(curve["accuracy"]), marker=".", label=name)
-        best = curve["C"].index(entry["linear"]["C"])
-        ax.plot(curve["C"][best], 100 * curve["accuracy"][best], marker="*", markersize=14,
-                color=line.get_color(), markeredgecolor="black")
-    ax.set_xscale("log")
-    ax.set_xlabel("C (inverse L2 regularisation strength)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Linear probe: validation accuracy over C (star: selected C)", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    return _png(fig)
-
-
-def _confusion_figure(doc: Mapping[str, Any]) -> bytes:
-    best = doc["ranking"][0]
-    classes = doc["split"]["classes"]
-    counts = np.asarray(doc["datasets"][best]["linear"]["confusion_matrix"], dtype=np.int64)
-    support = counts.sum(axis=1, keepdims=True)
-    rates = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
-    size = min(11.0, 3.5 + 0.35 * len(classes))
-    fig = Figure(figsize=(size + 1.2, size), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(100 * rates, cmap="Blues", vmin=0, vmax=100)
-    fig.colorbar(image, ax=ax, label="% of the true class", shrink=0.8)
-    if len(classes) <= _MAX_TICK_CLASSES:
-        ticks = np.arange(len(classes))
-        ax.set_xticks(ticks, classes, rotation=90 if len(classes) > 10 else 0, fontsize=8)
-        ax.set_yticks(ticks, classes, fontsize=8)
-    if len(classes) <= _MAX_ANNOTATED_CLASSES:
-        for (i, j), n in np.ndenumerate(counts):
-            if n:
-                ax.text(j, i, str(n), ha="center", va="center", fontsize=8,
-                        color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(f"Confusion matrix of the best embeddings, {best} (linear probe, test split)", fontsize=10)
-    return _png(fig)
-
-
-def map_points(doc: Mapping[str, Any], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dataset ``name``'s map: coordinates (m, 2) float64 and class indices (m,) of the
-    sample rows, and (m,) bool marking the test rows its linear probe got wrong."""
-    sample = doc["sample"]
-    wrong_ids = set(_misclassified(doc, name))
-    return (
-        np.asarray(doc["map"]["datasets"][name], dtype=np.float64).reshape(-1, 2),
-        np.asarray(sample["labels"], dtype=np.int64),
-        np.array([i in wrong_ids for i in sample["ids"]], dtype=bool),
-    )
-
-
-def _misclassified(doc: Mapping[str, Any], name: str) -> list[str]:
-    """The test ids dataset ``name``'s linear probe got wrong."""
-    split = doc["split"]
-    wrong = np.asarray(doc["datasets"][name]["linear"]["test_predictions"]) != split["test_labels"]
-    return [i for i, w in zip(split["test_ids"], wrong) if w]
-
-
-def map_method_text(doc: Mapping[str, Any]) -> str:
-    """The map's method with the parameters in effect (as :mod:`embedpipe.maps` caps them)."""
-    p, m = doc["map"]["params"], len(doc["sample"]["ids"])
-    detail = {
-        "umap": f"UMAP · n_neighbors {min(p['n_neighbors'], m - 1)} · min_dist {p['min_dist']:g} · cosine",
-        "tsne": f"t-SNE · perplexity {min(p['perplexity'], (m - 1) / 3):g}",
-    }.get(p["method"], str(p["method"]).upper())
-    return f"{detail} · seed {p['seed']} · {_sample_text(doc)}, L2-normalised"
-
-
-def _sample_text(doc: Mapping[str, Any]) -> str:
-    s = doc["sample"]
-    m, of = len(s["ids"]), s["of"]
-    return f"all {m:,} images" if m == of else f"a sample of {m:,} of the {of:,} images (sample seed {s['seed']})"
-
-
-def _map_figure(doc: Mapping[str, Any]) -> bytes:
-    """One panel per dataset: its map coloured by label, test images its linear probe got
-    wrong marked with a black x."""
-    names, classes = doc["ranking"], doc["split"]["classes"]
-    cmap = _label_colors(len(classes))
-    ncols = min(3, len(names))
-    nrows = math.ceil(len(names) / ncols)
-    fig = Figure(figsize=(4.2 * ncols + 1.0, 4.0 * nrows + 0.4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    for ax, name in zip(axes, names):
-        points, labels, wrong = map_points(doc, name)
-        (lo, hi), outside = robust_limits(points)
-        shown = np.clip(points, lo, hi)  # outliers sit on the frame's edge instead of squashing the rest
-        ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xticks=[], yticks=[])
-        ax.scatter(shown[:, 0], shown[:, 1], c=labels, cmap=cmap, vmin=-0.5, vmax=len(classes) - 0.5,
-                   s=6, alpha=0.7, linewidths=0)
-        n, errors = int(wrong.sum()), len(_misclassified(doc, name))
-        ax.scatter(shown[wrong, 0], shown[wrong, 1], marker="x", s=16, c="black", linewidths=0.8,
-                   label=f"misclassified ({n}" + (f" of {errors})" if n < errors else ")"))
-        ax.legend(loc="lower right", fontsize=7, frameon=False)
-        ax.set_title(_display_name(name, doc["datasets"][name]["provenance"]).replace("\n", " ")
-                     + (f" · {int(outside.sum())} at the edge" if outside.any() else ""), fontsize=10)
-    for ax in axes[len(names) :]:
-        ax.set_axis_off()
-    if len(classes) <= _MAX_ANNOTATED_CLASSES:
-        handles = [axes[0].scatter([], [], color=cmap(i), s=20, label=c) for i, c in enumerate(classes)]
-        fig.legend(handles=handles, title="label", loc="outside right center", fontsize=8)
-    fig.suptitle(wrap(f"Map: {map_method_text(doc)}", fig.get_figwidth() - 0.2, 10)
-                 + "\ncoloured by label; x: test images the linear probe got wrong", fontsize=10)
-    return _png(fig)
-
-
-def _cka_figure(doc: Mapping[str, Any]) -> bytes:
-    cka = doc["cka"]
-    unbiased = cka["estimator"] == "unbiased"
-    return cka_heatmap(CKAResult(cka["names"], np.asarray(cka["matrix"]), cka["n"], unbiased))
 
 
 # --- the document as blocks ----------------------------------------------------------
@@ -483,7 +206,7 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
     config, split, datasets, env = doc["config"], doc["split"], doc["datasets"], doc["environment"]
     names = doc["ranking"]
     level = 100 * config["confidence"]
-    k = _headline_k(doc)
+    k = headline_k(doc)
     if split["kind"] == "stratified":
         where = f"a stratified split (test {config['test_size']:g}, seed {config['seed']})"
     else:
@@ -499,7 +222,7 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
             f"scikit-learn {env['scikit-learn']}, faiss {env['faiss']}."
         ),
     ]
-    untrained = [n for n in names if _pretrained(datasets[n]["provenance"]) is not True]
+    untrained = [n for n in names if pretrained(datasets[n]["provenance"]) is not True]
     if untrained:
         blocks.append(_Warning(
             f"Not pretrained (or not recorded as pretrained): {', '.join(untrained)}. Their "
@@ -513,7 +236,7 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
                                + ", ".join(f"{n}: {c}" for n, c in dropped.items())))
 
     blocks.append(_Heading(2, "Comparison"))
-    top5 = _top5_measured(doc)
+    top5 = top5_measured(doc)
     headers = (
         "#", "Embeddings", "Backbone", "Layer", "Dim", "Weights", f"Linear top-1 [{level:.0f}% CI]",
         *(("Top-5",) if top5 else ()), "Mean per-class", "Macro-F1", "C",
@@ -524,10 +247,10 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
         entry = datasets[name]
         m, p = entry["metrics"], entry["provenance"]
         rows.append((
-            str(rank), name, str(p.get("backbone")), str(p.get("layer")), str(p.get("dim")), _weights_text(p),
-            f"{_pct(m['linear.top1'])} [{_ci(m)}]", *((_pct(m["linear.top5"]),) if top5 else ()),
-            _pct(m["linear.mean_per_class"]), _pct(m["linear.macro_f1"]), f"{m['linear.C']:.3g}",
-            _pct(m[f"knn.k{k}.top1"]) if k is not None else "—", f"{m['linear.fit_seconds']:.1f} s",
+            str(rank), name, str(p.get("backbone")), str(p.get("layer")), str(p.get("dim")), weights_text(p),
+            f"{pct(m['linear.top1'])} [{ci(m)}]", *((pct(m["linear.top5"]),) if top5 else ()),
+            pct(m["linear.mean_per_class"]), pct(m["linear.macro_f1"]), f"{m['linear.C']:.3g}",
+            pct(m[f"knn.k{k}.top1"]) if k is not None else "—", f"{m['linear.fit_seconds']:.1f} s",
         ))
     blocks.append(_Table(headers, tuple(rows)))
     leakage = {n: datasets[n].get("leakage") for n in names}
@@ -544,8 +267,8 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
             _Table(
                 ("Embeddings", "Leaked test images", "Linear top-1", "Linear top-1 without them"),
                 tuple(
-                    (n, f"{v['test_rows']} of {n_test}", _pct(datasets[n]["metrics"]["linear.top1"]),
-                     _pct(v["linear.top1_leak_free"]))
+                    (n, f"{v['test_rows']} of {n_test}", pct(datasets[n]["metrics"]["linear.top1"]),
+                     pct(v["linear.top1_leak_free"]))
                     for n, v in leakage.items() if v
                 ),
             ),
@@ -576,7 +299,7 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
             f"Paired test of the two best, {paired['a']} vs {paired['b']} (exact McNemar on "
             f"the same {paired['n']} test images): only {paired['a']} right on "
             f"{paired['a_only']}, only {paired['b']} right on {paired['b_only']}; "
-            f"{_p_value(paired['p_value'])}, {verdict}. Intervals are Wilson score intervals over the "
+            f"{p_value(paired['p_value'])}, {verdict}. Intervals are Wilson score intervals over the "
             "test images."
         ))
 
@@ -591,9 +314,9 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
                 tuple(
                     (
                         t["a"], t["b"],
-                        f"{_pct(datasets[t['a']]['metrics']['linear.top1'])} vs "
-                        f"{_pct(datasets[t['b']]['metrics']['linear.top1'])}",
-                        str(t["a_only"]), str(t["b_only"]), _p_value(t["p_value"]).removeprefix("p = "),
+                        f"{pct(datasets[t['a']]['metrics']['linear.top1'])} vs "
+                        f"{pct(datasets[t['b']]['metrics']['linear.top1'])}",
+                        str(t["a_only"]), str(t["b_only"]), p_value(t["p_value"]).removeprefix("p = "),
                         "significant" if t["p_value"] < alpha else "not significant",
                     )
                     for t in twins
@@ -608,7 +331,7 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
             rows.append((
                 backbone,
                 " · ".join(f"{datasets[n]['provenance'].get('layer')} "
-                           f"{_pct(datasets[n]['metrics']['linear.top1'])}" for _, n in points),
+                           f"{pct(datasets[n]['metrics']['linear.top1'])}" for _, n in points),
                 f"{datasets[best[1]]['provenance'].get('layer')} (depth {best[0]:g})",
             ))
         blocks += [
@@ -624,8 +347,8 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
         _Table(
             ("Embeddings", *(f"k={k} top-1" + (" / top-5" if top5 else "") for k in ks)),
             tuple(
-                (name, *(_pct(datasets[name]["metrics"][f"knn.k{k}.top1"])
-                         + (f" / {_pct(datasets[name]['metrics'][f'knn.k{k}.top5'])}" if top5 else "")
+                (name, *(pct(datasets[name]["metrics"][f"knn.k{k}.top1"])
+                         + (f" / {pct(datasets[name]['metrics'][f'knn.k{k}.top5'])}" if top5 else "")
                          for k in ks))
                 for name in names
             ),
@@ -643,10 +366,10 @@ def _blocks(doc: Mapping[str, Any]) -> list[_Block]:
         blocks.append(_FigureRef("map", f"The map of each embeddings dataset (`embedpipe map`'s reducer: "
                                  f"{map_method_text(doc)}), coloured by label; x marks the test images "
                                  "its linear probe got wrong."))
-    if len(split["classes"]) <= _MAX_TICK_CLASSES:
+    if len(split["classes"]) <= MAX_TICK_CLASSES:
         blocks += [_Heading(2, "Per-class accuracy (linear probe, test split)"), _Table(
             ("Class", *names),
-            tuple((c, *(_pct(datasets[n]["linear"]["per_class_accuracy"][i]) for n in names))
+            tuple((c, *(pct(datasets[n]["linear"]["per_class_accuracy"][i]) for n in names))
                   for i, c in enumerate(split["classes"])),
         )]
     blocks += [_Heading(2, "Protocol")] + [_Paragraph(line) for line in _protocol(doc)]
@@ -661,7 +384,7 @@ def _cka_blocks(doc: Mapping[str, Any]) -> list[_Block]:
         return []
     blocks: list[_Block] = [_Heading(2, "Representation similarity (linear CKA)"), _Paragraph(
         "Linear CKA (Kornblith et al. 2019; unbiased HSIC of Song et al. 2012, as `embedpipe compare`) "
-        f"between every pair of embeddings, on the same images: {_sample_text(doc)}. 1: the same "
+        f"between every pair of embeddings, on the same images: {sample_text(doc)}. 1: the same "
         "representation up to rotation and scale; near 0: unrelated.")]
     if "error" in cka:
         return [*blocks, _Warning(f"CKA not computed: {cka['error']}")]
@@ -706,7 +429,7 @@ def _provenance_table(doc: Mapping[str, Any]) -> _Table:
     for name in doc["ranking"]:
         p = doc["datasets"][name]["provenance"]
         rows.append((
-            name, str(p.get("backbone")), str(p.get("layer")), str(p.get("dim")), _weights_text(p),
+            name, str(p.get("backbone")), str(p.get("layer")), str(p.get("dim")), weights_text(p),
             _preprocessing_text(p.get("preprocessing")), "yes" if p.get("normalize") else "no",
         ))
     return _Table(
