@@ -302,6 +302,7 @@ class _Runner:
     def index(self, step: Step, out: Path) -> str:
         from .errors import MetadataMismatchError
         from .index import META_FILE, Index, embedding_blocks, update_embeddings
+        from .index.ondisk import lists_beside
         from .store import read_meta
 
         src = self.p.step_dir(step.options["input"])
@@ -322,14 +323,10 @@ class _Runner:
                             f"{r.replaced} replaced -> {len(idx)} vectors")
                 log.info("rebuilding index %s: recall@%d %.3f after the update", step.name, r.k, r.recall)
         o = {k: v for k, v in step.options.items() if k not in ("input", "on_disk")}
-        lists = out.parent / f".{out.name}.lists" if on_disk else None  # as index build --on-disk
-        try:
+        with lists_beside(out, on_disk) as lists_dir:  # as index build --on-disk
             idx = Index.build(embedding_blocks(src), meta=read_meta(src), embeddings_path=src,
-                              lists_dir=lists, **o)
+                              lists_dir=lists_dir, **o)
             idx.save(out, overwrite=True)
-        finally:
-            if lists is not None:
-                shutil.rmtree(lists, ignore_errors=True)
         return f"{idx.info.factory} over {len(idx)} vectors"
 
     def probe(self, step: Step, out: Path) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -96,18 +95,14 @@ def build(embeddings: Path, out: Path, index_spec: str, overwrite: bool, columns
     other tools wrote work too: a Parquet with an id and a vector column, or an .npy
     matrix with --ids."""
     from ..index import build_embeddings, check_destination
+    from ..index.ondisk import lists_beside
     from ..tables import Columns
 
     check_destination(out, overwrite=overwrite)  # before the build, not after it
-    # the lists are written beside --out, on its file system, and linked into it on save
-    lists_dir = out.parent / f".{out.name}.lists" if on_disk else None
-    try:
+    with lists_beside(out, on_disk) as lists_dir:
         built = build_embeddings(embeddings, columns=Columns(**columns) if columns else None,
                                  index=index_spec, lists_dir=lists_dir, **options)
         built.save(out, overwrite=overwrite)
-    finally:
-        if lists_dir is not None:
-            shutil.rmtree(lists_dir, ignore_errors=True)
     info = built.info
     click.echo(f"built {info.factory} over {info.count:,} x {info.dim} ({info.metric}) -> {out}")
     for key, value in _build_lines(info).items():

@@ -303,6 +303,11 @@ def _hash(rows: _Rows, todo: np.ndarray, file: Path, method: str, *, draft: bool
 # --- pairs -----------------------------------------------------------------------------
 
 
+def _codes(values: np.ndarray) -> np.ndarray:
+    """(N,) uint64 hashes as the (N, 8) uint8 codes FAISS's binary indexes take."""
+    return np.ascontiguousarray(values, dtype=np.uint64).view(np.uint8).reshape(-1, 8)
+
+
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Bits that differ between ``a`` and ``b`` ((N,) uint64 each, or broadcastable):
     (N,) int64."""
@@ -325,7 +330,7 @@ def hash_pairs(values: np.ndarray, max_distance: int, k: int, *,
 
     if not 0 <= max_distance <= HASH_BITS:
         raise CurationInputError(f"hash distance must be 0..{HASH_BITS} bits, got {max_distance}")
-    codes = np.ascontiguousarray(values, dtype=np.uint64).view(np.uint8).reshape(-1, 8)
+    codes = _codes(values)
     n = len(codes)
     empty = np.empty(0, np.int64)
     if n < 2 or k < 1:
@@ -364,10 +369,9 @@ def nearest_hashes(queries: PerceptualHashes, base: PerceptualHashes) -> tuple[n
     if len(known_base) == 0 or len(asked) == 0:
         return rows, bits
     index = faiss.IndexBinaryFlat(HASH_BITS)
-    index.add(np.ascontiguousarray(base.values[known_base]).view(np.uint8).reshape(-1, 8))
+    index.add(_codes(base.values[known_base]))
     for start in range(0, len(asked), QUERY_BLOCK):
         block = asked[start:start + QUERY_BLOCK]
-        codes = np.ascontiguousarray(queries.values[block]).view(np.uint8).reshape(-1, 8)
-        dist, found = index.search(codes, 1)
+        dist, found = index.search(_codes(queries.values[block]), 1)
         rows[block], bits[block] = known_base[found[:, 0]], dist[:, 0]
     return rows, bits

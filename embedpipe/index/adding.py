@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import faiss
@@ -115,12 +115,8 @@ def _tune_on_disk(writer: ShardWriter, source: BlockSource, ids: np.ndarray, hel
     is kept: the lists merged again with the tuning rows as the last shard (on-disk lists
     cannot grow once merged, see :mod:`~embedpipe.index.ondisk`)."""
     if shards is None:
-        first_row = 0  # index rows so far: the rows kept, not held out
-        for start, x in prepared_blocks(source, dim=queries.shape[1], metric=metric, ids=ids):
-            x = x[~held_out[start : start + len(x)]]
-            truth.add(first_row, x)
+        for first_row, x in _kept_blocks(source, ids, held_out, truth, dim=queries.shape[1], metric=metric):
             writer.add(x, first_row)
-            first_row += len(x)
     else:
         _shards_on_ray(writer, shards, ids, held_out, truth, queries, metric=metric, k=k)
     tuning_lists = writer.merge("tuning.ivfdata")
@@ -134,18 +130,29 @@ def _tune_on_disk(writer: ShardWriter, source: BlockSource, ids: np.ndarray, hel
     return index, tuning
 
 
-def _add_rows(index: faiss.Index, source: BlockSource, ids: np.ndarray, held_out: np.ndarray,
-              truth: ExactTopK | None, *, metric: Metric, offset: int = 0) -> None:
-    """Add the rows of ``source`` (which must yield ``ids``) that are not ``held_out`` to
-    ``index``, offering them to ``truth`` as index rows ``offset + index.ntotal``.."""
-    for start, x in prepared_blocks(source, dim=index.d, metric=metric, ids=ids):
+def _kept_blocks(source: BlockSource, ids: np.ndarray, held_out: np.ndarray, truth: ExactTopK | None,
+                 *, dim: int, metric: Metric, first_row: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """(index row of the block's first row, prepared rows) for the rows of ``source``
+    (which must yield ``ids``) that are not ``held_out``, numbered from ``first_row``;
+    each block is offered to ``truth`` under those numbers first."""
+    for start, x in prepared_blocks(source, dim=dim, metric=metric, ids=ids):
         kept = ~held_out[start : start + len(x)]
         if not kept.all():
             x = x[kept]
         if truth is not None:
-            truth.add(offset + index.ntotal, x)
+            truth.add(first_row, x)
+        yield first_row, x
+        log.debug("rows %d..%d", start, start + len(kept))
+        first_row += len(x)
+
+
+def _add_rows(index: faiss.Index, source: BlockSource, ids: np.ndarray, held_out: np.ndarray,
+              truth: ExactTopK | None, *, metric: Metric, offset: int = 0) -> None:
+    """Add the rows of ``source`` that are not ``held_out`` to ``index`` (whose rows count
+    from ``offset``), offering them to ``truth``."""
+    for _, x in _kept_blocks(source, ids, held_out, truth, dim=index.d, metric=metric,
+                             first_row=offset + index.ntotal):
         index.add(x)
-        log.debug("added rows %d..%d", start, start + len(kept))
 
 
 # --- Ray -----------------------------------------------------------------------------
@@ -215,16 +222,8 @@ def _shard_to_file(trained: np.ndarray, shard: Shard, ids: np.ndarray, held_out:
     """One Ray task of an on-disk build: the shard's kept rows written as a shard file at
     ``path`` (index numbers from ``first_row``), and their exact top-k for the queries."""
     truth = ExactTopK(queries, None, k=k, metric=metric)
-
-    def blocks():
-        row = first_row
-        for start, x in prepared_blocks(shard.source, dim=queries.shape[1], metric=metric, ids=ids):
-            x = x[~held_out[start : start + len(x)]]
-            truth.add(row, x)
-            yield row, x
-            row += len(x)
-
-    write_shard(trained, blocks(), Path(path))
+    write_shard(trained, _kept_blocks(shard.source, ids, held_out, truth, dim=queries.shape[1],
+                                      metric=metric, first_row=first_row), Path(path))
     return truth.partial()
 
 

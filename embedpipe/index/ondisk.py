@@ -147,6 +147,21 @@ def place_lists(faiss_index: faiss.Index, directory: Path) -> None:
         shutil.copyfile(source, target)
 
 
+@contextlib.contextmanager
+def lists_beside(out: Path, on_disk: bool) -> Iterator[Path | None]:
+    """A scratch folder for the lists of an index to be saved at ``out``: beside it, on its
+    file system, so that saving links the lists in instead of copying them; removed when
+    the block ends. None (and nothing made) without ``on_disk``."""
+    if not on_disk:
+        yield None
+        return
+    lists_dir = out.parent / f".{out.name}.lists"
+    try:
+        yield lists_dir
+    finally:
+        shutil.rmtree(lists_dir, ignore_errors=True)
+
+
 def read_index(path: Path) -> faiss.Index:
     """``faiss.read_index`` that finds on-disk lists in the index file's folder (FAISS
     says so on stdout, which would corrupt a command's JSON: silenced)."""
